@@ -1,0 +1,70 @@
+"""RecBole Config that also reads this plugin's properties/ and runs on CPU-only machines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
+
+from recbole_darec.utils import get_model
+
+PROPERTIES_DIR = Path(__file__).resolve().parents[1] / "properties"
+
+
+class Config(RecBoleConfig):
+    """RecBole's Config, with ``properties/`` of this plugin layered over RecBole's own defaults.
+
+    Precedence (low to high): RecBole's yaml < ``properties/overall.yaml`` < ``properties/sequential.yaml``
+    (sequential models only) < ``properties/model/<Model>.yaml`` < ``properties/dataset/<dataset>.yaml`` <
+    config files < config_dict < command line. Models are looked up in ``recbole_darec`` first, then RecBole.
+    """
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError("model must be given: --model=<Name>, a config file or config_dict['model']")
+        if isinstance(model, str):
+            model_name, model_class = model, get_model(model)
+        else:
+            model_name, model_class = model.__name__, model
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise KeyError("dataset must be given: --dataset=<name>, a config file or config_dict['dataset']")
+        return model_name, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        layers = [PROPERTIES_DIR / "overall.yaml"]
+        if model_class.type == ModelType.SEQUENTIAL:
+            layers.append(PROPERTIES_DIR / "sequential.yaml")
+        layers += [PROPERTIES_DIR / "model" / f"{model}.yaml", PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"]
+        for file in layers:
+            if file.is_file():
+                loaded = self._update_internal_config_dict(str(file))
+                if loaded and file.parent.name == "dataset":
+                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+
+    def _init_device(self):
+        # RecBole 1.2.1 hard-codes NCCL + CUDA for distributed runs; on a CPU machine use gloo instead.
+        if "local_rank" in self.final_config_dict and not torch.cuda.is_available():
+            cfg = self.final_config_dict
+            cfg["gpu_id"] = str(cfg.get("gpu_id", ""))
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group(
+                    backend="gloo",
+                    rank=cfg["local_rank"] + cfg.get("offset", 0),
+                    world_size=cfg["world_size"],
+                    init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
+                )
+            cfg["device"] = torch.device("cpu")
+            cfg["single_spec"] = False
+            if cfg["local_rank"] != 0:
+                cfg["state"] = "error"
+                cfg["show_progress"] = False
+                cfg["verbose"] = False
+            return
+        super()._init_device()

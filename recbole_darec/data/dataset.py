@@ -1,0 +1,1 @@
+"""Datasets of this plugin's models."""

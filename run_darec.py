@@ -1,0 +1,24 @@
+"""Train and evaluate any model of recbole-darec or RecBole with one protocol.
+
+    python run_darec.py --model=DARec --dataset=amazon-scientific
+    python run_darec.py --model=SASRec --dataset=ml-100k --epochs=5
+
+Flags are RecBole's: --model, --dataset, --config_files="a.yaml b.yaml", and any --key=value override.
+"""
+
+import argparse
+
+import recbole_darec  # noqa: F401  (compat first)
+from recbole_darec.quick_start import run_darec
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", type=str, default="DARec", help="model name (ours or RecBole's)")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated yaml files")
+    args, _ = parser.parse_known_args()  # the rest (--key=value) is read by RecBole's Config
+
+    config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    result = run_darec(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
+    print(f"best valid ({result['model']} on {result['dataset']}): {result['best_valid_result']}")
+    print(f"test result ({result['model']} on {result['dataset']}): {result['test_result']}")
