@@ -1,1 +1,52 @@
-"""Datasets of this plugin's models."""
+"""DARecDataset: one training sample per user (the whole training sequence) and raw item text."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from recbole.data.dataset import SequentialDataset
+
+from recbole_darec.data.item_text import align_item_sentences, read_item_sentences
+
+
+class DARecDataset(SequentialDataset):
+    """RecBole's SequentialDataset with two changes for an LLM model.
+
+    - Training keeps one row per user: the longest training prefix plus its target, i.e. the user's whole training
+      sequence. The model puts a loss at every item boundary (all-position next-item prediction), which gives the
+      same signal as RecBole's per-prefix rows while running the LLM once per user instead of once per prefix.
+      Valid and test rows are RecBole's leave-one-out rows, unchanged.
+    - ``item_sentences[i]`` is the raw attribute sentence of internal item id ``i`` (read from the ``.item`` file
+      directly, see item_text.py); "" for padding, items without a row, and datasets without an ``.item`` file.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+        if os.path.isfile(item_file):
+            sentences = read_item_sentences(item_file, self.iid_field, config["item_text_fields"],
+                                            config["field_separator"] or "\t")
+        else:
+            self.logger.warning(f"{item_file} not found: items have no text (their ID and CF signal still work).")
+            sentences = {}
+        self.item_sentences = align_item_sentences(sentences, self.field2id_token[self.iid_field])
+
+    def build(self):
+        datasets = super().build()
+        train = datasets[0]
+        user_ids = train.inter_feat[self.uid_field].numpy()
+        # Rows of one user are in time order, so the last row of each user holds the longest training prefix.
+        _, first_from_end = np.unique(user_ids[::-1], return_index=True)
+        last_rows = np.sort(len(user_ids) - 1 - first_from_end)
+        train.inter_feat = train.inter_feat[torch.from_numpy(last_rows)]
+        return datasets
+
+    def training_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequences (n_rows, L+1), lengths) of this (training) dataset: each row's item list plus its target."""
+        item_list = self.inter_feat[self.item_id_list_field]
+        lengths = self.inter_feat[self.item_list_length_field]
+        sequences = torch.cat([item_list, torch.zeros_like(item_list[:, :1])], dim=1)
+        sequences[torch.arange(len(lengths)), lengths] = self.inter_feat[self.iid_field]
+        return sequences, lengths + 1

@@ -131,16 +131,18 @@ def optimize_acqf_probabilistic_reparam(
     # The acquisition is deterministic, so every distinct z is evaluated once; as theta concentrates most
     # samples repeat and the cache makes later steps nearly free.
     cache: dict[bytes, float] = {}
+    lowest = math.inf  # lowest finite acquisition value seen: the score of excluded and non-finite points
 
     def score(Z: Tensor) -> Tensor:
+        nonlocal lowest
         uniq, inverse = torch.unique(Z, dim=0, return_inverse=True)
         keys = _rows_to_keys(uniq)
         new = [i for i, k in enumerate(keys) if k not in cache and k not in excluded]
         if new:
             values = _eval_acqf(acqf, uniq[new], batch_size).tolist()
             cache.update((keys[i], v) for i, v in zip(new, values))
-        finite = [v for v in cache.values() if math.isfinite(v)]
-        floor = min(finite) if finite else 0.0
+            lowest = min([lowest, *(v for v in values if math.isfinite(v))])
+        floor = lowest if math.isfinite(lowest) else 0.0
         per_row = torch.tensor([cache.get(k, floor) for k in keys], dtype=torch.double)
         return per_row.nan_to_num(floor, posinf=floor, neginf=floor)[inverse]
 
@@ -155,7 +157,7 @@ def optimize_acqf_probabilistic_reparam(
         u = torch.rand(num_restarts, num_samples, dim, generator=generator, dtype=torch.double)
         Z = (u < theta.unsqueeze(1)).to(torch.double)
         f = score(Z.reshape(-1, dim)).reshape(num_restarts, num_samples)
-        baseline = (f.sum(1, keepdim=True) - f) / max(num_samples - 1, 1)
+        baseline = (f.sum(1, keepdim=True) - f) / (num_samples - 1)
         advantage = f - baseline
         # Adam is invariant to a per-step scale, but not to the scale varying across restarts.
         advantage = advantage / advantage.std(1, keepdim=True).clamp_min(1e-12)
@@ -163,7 +165,7 @@ def optimize_acqf_probabilistic_reparam(
         m = beta1 * m + (1 - beta1) * grad
         v = beta2 * v + (1 - beta2) * grad**2
         ascent = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + 1e-8)
-        # Clamping keeps every bit slightly random, so the gradient never vanishes on a saturated restart.
+        # Bounded logits keep every bit slightly random, so a converged restart still explores its neighbours.
         logits = (logits + lr * ascent).clamp(-max_logit, max_logit)
     # The modes of the final distributions are natural candidates even if never sampled.
     score((logits > 0).to(torch.double))
@@ -358,6 +360,7 @@ def plot_search(histories: dict[str, Sequence[Trial]], path: str | Path, title: 
     # The OO API with an explicit Agg canvas works headless and leaves pyplot's global backend alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -377,6 +380,7 @@ def plot_search(histories: dict[str, Sequence[Trial]], path: str | Path, title: 
     ax.set_ylabel("validation metric")
     ax.set_title(title or "architecture search: metric per trial (dots) and best so far (line)")
     ax.legend(loc="lower right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

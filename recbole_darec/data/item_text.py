@@ -1,0 +1,123 @@
+"""Item text: attribute sentences from the raw ``.item`` file, tokenised once and cached per internal item id.
+
+RecBole's ``token_seq`` fields split text into per-field word ids, which an LLM cannot use, so the raw strings are
+read here and aligned to RecBole's remapped item ids (``dataset.field2token_id[item_id_field]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _field_name(header_cell: str) -> str:
+    return header_cell.split(":", 1)[0].strip()
+
+
+def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequence[str] | None = None,
+                        separator: str = "\t") -> dict[str, str]:
+    """Map each raw item token of ``item_file`` to its sentence ``"key: value; key: value"``.
+
+    ``text_fields`` fixes the order (missing columns are skipped); by default every column but the id, and
+    ``text`` only when it is the sole text column (it usually repeats the others). Bad rows are counted and
+    reported with one warning; they never stop the run.
+    """
+    sentences: dict[str, str] = {}
+    issues = {"non-UTF-8": 0, "wrong column count": 0, "duplicate item rows": 0}
+    with open(item_file, "rb") as handle:
+        header_line = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        header = [_field_name(cell) for cell in header_line.split(separator)]
+        if item_id_field not in header:
+            raise ValueError(
+                f"{item_file}, line 1: no '{item_id_field}' column in the header {header_line!r}; "
+                f"the item file needs an '{item_id_field}:token' column (set ITEM_ID_FIELD if it is named otherwise)."
+            )
+        id_col = header.index(item_id_field)
+        if text_fields is None:
+            columns = [name for name in header if name != item_id_field]
+            text_fields = [name for name in columns if name != "text"] or columns
+        used = [(name, header.index(name)) for name in text_fields if name in header]
+        for raw in handle:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                issues["non-UTF-8"] += 1
+                line = raw.decode("utf-8", errors="replace")
+            cells = line.rstrip("\r\n").split(separator)
+            if len(cells) != len(header):
+                issues["wrong column count"] += 1
+                cells = (cells + [""] * len(header))[: len(header)]
+            token = cells[id_col].strip()
+            if not token:
+                continue
+            if token in sentences:
+                issues["duplicate item rows"] += 1
+                continue
+            parts = [f"{name}: {cells[col].strip()}" for name, col in used if cells[col].strip()]
+            sentences[token] = "; ".join(parts)
+    bad = {kind: count for kind, count in issues.items() if count}
+    if bad:
+        logger.warning(
+            "%s: %s. Those rows were still used (text decoded with replacement, missing cells empty, first row of "
+            "a duplicated item kept).", item_file, ", ".join(f"{count} row(s) {kind}" for kind, count in bad.items())
+        )
+    return sentences
+
+
+def align_item_sentences(sentences: dict[str, str], id_tokens: Sequence[str]) -> list[str]:
+    """Sentences indexed by RecBole's internal item id (``id_tokens`` = ``dataset.field2id_token[iid]``);
+    id 0 (padding) and items without a row in the item file get an empty sentence."""
+    aligned = [sentences.get(str(token), "") for token in id_tokens]
+    aligned[0] = ""
+    missing = sum(1 for token in id_tokens[1:] if str(token) not in sentences)
+    if missing and sentences:
+        logger.warning("%d of %d items have no row in the item file: they get an empty sentence (their ID and "
+                       "CF signal still work).", missing, len(id_tokens) - 1)
+    return aligned
+
+
+def tokenize_items(sentences: Sequence[str], tokenize: Callable[[list[str]], list[list[int]]],
+                   item_max_tokens: int, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (n_items, item_max_tokens), right-padded with 0, and lengths (n_items,), truncated."""
+    token_ids = torch.zeros(len(sentences), item_max_tokens, dtype=torch.long)
+    lengths = torch.zeros(len(sentences), dtype=torch.long)
+    truncated = 0
+    for start in range(0, len(sentences), batch_size):
+        for offset, ids in enumerate(tokenize(list(sentences[start:start + batch_size]))):
+            truncated += len(ids) > item_max_tokens
+            ids = ids[:item_max_tokens]
+            token_ids[start + offset, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            lengths[start + offset] = len(ids)
+    if truncated:
+        logger.info("%d of %d item sentences were truncated to item_max_tokens=%d tokens.",
+                    truncated, len(sentences), item_max_tokens)
+    return token_ids, lengths
+
+
+def cached_item_tokens(
+    sentences: Sequence[str], tokenize: Callable[[list[str]], list[list[int]]], item_max_tokens: int,
+    tokenizer_name: str, cache_dir: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokenize_items`` with an on-disk cache keyed by tokenizer, settings and the aligned sentences."""
+    if not cache_dir:
+        return tokenize_items(sentences, tokenize, item_max_tokens)
+    digest = hashlib.sha256()
+    for part in (tokenizer_name, str(item_max_tokens), *sentences):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\0")
+    path = os.path.join(cache_dir, f"item_tokens-{digest.hexdigest()[:24]}.pt")
+    if os.path.isfile(path):
+        cached = torch.load(path, weights_only=True)
+        return cached["token_ids"], cached["lengths"]
+    token_ids, lengths = tokenize_items(sentences, tokenize, item_max_tokens)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    torch.save({"token_ids": token_ids, "lengths": lengths}, tmp_path)
+    os.replace(tmp_path, path)
+    return token_ids, lengths

@@ -1,0 +1,1 @@
+"""Models of recbole-darec (one model per file) and their parts."""

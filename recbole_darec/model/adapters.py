@@ -1,0 +1,168 @@
+"""Bottleneck adapters on the attention and FFN sublayers of every decoder layer, serial or parallel.
+
+For a sublayer f (attention or FFN, its input x already normalised by the pre-norm block):
+- serial (Houlsby et al., 2019):  f(x) + A(f(x))
+- parallel (He et al., 2022):     f(x) + A(x)
+and the block adds its residual around that, giving ``h = x + f(x) + A(.)``. ``A`` is down (d -> r), activation,
+up (r -> d) with ``up`` initialised to zero, so an untrained DARec reproduces the backbone exactly.
+
+Adapters are attached with forward hooks on the loaded transformers modules (no copy of their modeling code): a
+pre-hook stores the sublayer input, a hook adds the adapter output to the sublayer output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SERIAL, PARALLEL = 0, 1
+ARCH_LETTERS = {"s": SERIAL, "p": PARALLEL}
+
+
+def parse_adapter_arch(adapter_arch: str | None, n_layers: int) -> list[int] | None:
+    """``"s"``/``"p"`` (every layer) or one letter per layer (``"sspp"``) -> [0/1 per layer]; None -> not fixed."""
+    if adapter_arch is None or adapter_arch in ("", "gate", "search"):
+        return None
+    arch = str(adapter_arch).strip().lower()
+    if len(arch) == 1:
+        arch = arch * n_layers
+    if len(arch) != n_layers or set(arch) - set(ARCH_LETTERS):
+        raise ValueError(
+            f"adapter_arch='{adapter_arch}': give one letter s (serial) or p (parallel) per decoder layer "
+            f"({n_layers} layers here, e.g. {'s' * n_layers}), a single letter for all layers, or ~ to learn a gate."
+        )
+    return [ARCH_LETTERS[c] for c in arch]
+
+
+class BottleneckAdapter(nn.Module):
+    def __init__(self, hidden_size: int, adapter_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, adapter_size)
+        self.act = nn.GELU()
+        self.up = nn.Linear(adapter_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.act(self.down(x))))
+
+
+class LayerRouter(nn.Module):
+    """Which adapter a decoder layer runs.
+
+    ``fixed``: one choice (serial or parallel), only that adapter exists. ``gate``: both exist and a learned
+    sigmoid gate mixes them. ``supernet``: both exist, ``choice`` is set from outside per batch (architecture search).
+    """
+
+    def __init__(self, mode: str, choice: int | None = None):
+        super().__init__()
+        if mode not in ("fixed", "gate", "supernet"):
+            raise ValueError(f"router mode {mode!r}: expected fixed, gate or supernet")
+        self.mode = mode
+        self.choice = choice if choice is not None else SERIAL
+        self.gate_logit = nn.Parameter(torch.zeros(())) if mode == "gate" else None
+
+    def branches(self) -> tuple[int, ...]:
+        return (self.choice,) if self.mode == "fixed" else (SERIAL, PARALLEL)
+
+
+class SublayerAdapter(nn.Module):
+    """The adapter(s) of one sublayer, combined as the layer's router says."""
+
+    def __init__(self, hidden_size: int, adapter_size: int, router: LayerRouter, dropout: float = 0.0):
+        super().__init__()
+        self.router = [router]  # a list, so the shared router is registered once, on the layer
+        branches = router.branches()
+        self.serial = BottleneckAdapter(hidden_size, adapter_size, dropout) if SERIAL in branches else None
+        self.parallel = BottleneckAdapter(hidden_size, adapter_size, dropout) if PARALLEL in branches else None
+
+    def forward(self, sublayer_input: torch.Tensor, sublayer_output: torch.Tensor) -> torch.Tensor:
+        router = self.router[0]
+        if router.mode == "gate":
+            gate = torch.sigmoid(router.gate_logit)
+            return sublayer_output + gate * self.serial(sublayer_output) + (1 - gate) * self.parallel(sublayer_input)
+        if router.choice == SERIAL:
+            return sublayer_output + self.serial(sublayer_output)
+        return sublayer_output + self.parallel(sublayer_input)
+
+
+class DecoderLayerAdapters(nn.Module):
+    """Two adapters (attention, FFN) and the router of one decoder layer."""
+
+    def __init__(self, hidden_size: int, adapter_size: int, mode: str, choice: int | None, dropout: float = 0.0):
+        super().__init__()
+        self.router = LayerRouter(mode, choice)
+        self.attention = SublayerAdapter(hidden_size, adapter_size, self.router, dropout)
+        self.ffn = SublayerAdapter(hidden_size, adapter_size, self.router, dropout)
+
+
+def _sublayer_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """(attention input, attention output, FFN input, FFN output) modules of a decoder layer."""
+    attention = getattr(layer, "self_attn", None)
+    if attention is None:
+        raise TypeError(f"{type(layer).__name__}: no self_attn module, cannot attach adapters")
+    if hasattr(layer, "mlp"):  # Llama, Mistral, Qwen, ...
+        return attention, attention, layer.mlp, layer.mlp
+    if hasattr(layer, "fc1") and hasattr(layer, "fc2"):  # OPT: the FFN is fc1 -> act -> fc2 inline
+        return attention, attention, layer.fc1, layer.fc2
+    raise TypeError(f"{type(layer).__name__}: no mlp or fc1/fc2 modules, cannot attach adapters")
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _hook_sublayer(input_module: nn.Module, output_module: nn.Module, adapter: SublayerAdapter) -> list:
+    stash: dict[str, torch.Tensor] = {}
+
+    def save_input(module, args, kwargs):
+        stash["x"] = _first_tensor(args, kwargs)
+
+    def add_adapter(module, args, kwargs, output):
+        sublayer_input = stash.pop("x")
+        if isinstance(output, tuple):
+            return (adapter(sublayer_input, output[0]), *output[1:])
+        return adapter(sublayer_input, output)
+
+    return [
+        input_module.register_forward_pre_hook(save_input, with_kwargs=True),
+        output_module.register_forward_hook(add_adapter, with_kwargs=True),
+    ]
+
+
+def attach_adapters(
+    layers: nn.ModuleList, hidden_size: int, adapter_size: int, arch: list[int] | None, supernet: bool = False,
+    dropout: float = 0.0,
+) -> tuple[nn.ModuleList, list]:
+    """Create the adapters of every layer and hook them into the layers. Returns (adapters, hook handles)."""
+    adapters = nn.ModuleList()
+    handles = []
+    for index, layer in enumerate(layers):
+        if supernet:
+            mode, choice = "supernet", (arch[index] if arch else SERIAL)
+        elif arch is None:
+            mode, choice = "gate", None
+        else:
+            mode, choice = "fixed", arch[index]
+        layer_adapters = DecoderLayerAdapters(hidden_size, adapter_size, mode, choice, dropout)
+        attn_in, attn_out, ffn_in, ffn_out = _sublayer_modules(layer)
+        handles += _hook_sublayer(attn_in, attn_out, layer_adapters.attention)
+        handles += _hook_sublayer(ffn_in, ffn_out, layer_adapters.ffn)
+        adapters.append(layer_adapters)
+    return adapters, handles
+
+
+def set_architecture(adapters: nn.ModuleList, arch: list[int]) -> None:
+    """Set the per-layer choice of a supernet (or re-fix a fixed one where both branches exist)."""
+    if len(arch) != len(adapters):
+        raise ValueError(f"architecture has {len(arch)} choices for {len(adapters)} layers")
+    for layer_adapters, choice in zip(adapters, arch):
+        router = layer_adapters.router
+        if choice not in router.branches():
+            raise ValueError(f"layer has no {'serial' if choice == SERIAL else 'parallel'} adapter to switch to")
+        router.choice = int(choice)
+
+
+def get_architecture(adapters: nn.ModuleList) -> list[int]:
+    return [layer_adapters.router.choice for layer_adapters in adapters]

