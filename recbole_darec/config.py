@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import recbole
 import torch
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
@@ -11,14 +12,16 @@ from recbole.utils import ModelType
 from recbole_darec.utils import get_model
 
 PROPERTIES_DIR = Path(__file__).resolve().parents[1] / "properties"
+RECBOLE_PROPERTIES_DIR = Path(recbole.__file__).resolve().parent / "properties"
 
 
 class Config(RecBoleConfig):
     """RecBole's Config, with ``properties/`` of this plugin layered over RecBole's own defaults.
 
     Precedence (low to high): RecBole's yaml < ``properties/overall.yaml`` < ``properties/sequential.yaml``
-    (sequential models only) < ``properties/model/<Model>.yaml`` < ``properties/dataset/<dataset>.yaml`` <
-    config files < config_dict < command line. Models are looked up in ``recbole_darec`` first, then RecBole.
+    (sequential models only) < RecBole's ``model/<Model>.yaml`` < ``properties/model/<Model>.yaml`` <
+    ``properties/dataset/<dataset>.yaml`` < config files < config_dict < command line. Models are looked up in
+    ``recbole_darec`` first, then RecBole.
     """
 
     def _get_model_and_dataset(self, model, dataset):
@@ -41,12 +44,26 @@ class Config(RecBoleConfig):
         layers = [PROPERTIES_DIR / "overall.yaml"]
         if model_class.type == ModelType.SEQUENTIAL:
             layers.append(PROPERTIES_DIR / "sequential.yaml")
+        # RecBole's own model yaml again, above our protocol defaults: a model's fixed choices (FPMC's
+        # loss_type: BPR) must not be overwritten by sequential.yaml's loss_type: CE.
+        layers.append(RECBOLE_PROPERTIES_DIR / "model" / f"{model}.yaml")
         layers += [PROPERTIES_DIR / "model" / f"{model}.yaml", PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"]
         for file in layers:
             if file.is_file():
                 loaded = self._update_internal_config_dict(str(file))
                 if loaded and file.parent.name == "dataset":
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+        self._load_time_column()
+
+    def _load_time_column(self):
+        # The protocol orders by time (eval_args.order: TO), but for a dataset RecBole has no yaml for, its
+        # sample.yaml loads only [user_id, item_id] and every run dies with "[timestamp] is not exist".
+        cfg = self.internal_config_dict
+        load_col, time_field = cfg.get("load_col"), cfg.get("TIME_FIELD")
+        if not (isinstance(load_col, dict) and isinstance(load_col.get("inter"), list) and time_field):
+            return
+        if (cfg.get("eval_args") or {}).get("order") == "TO" and time_field not in load_col["inter"]:
+            cfg["load_col"] = {**load_col, "inter": [*load_col["inter"], time_field]}
 
     def _init_device(self):
         # RecBole 1.2.1 hard-codes NCCL + CUDA for distributed runs; on a CPU machine use gloo instead.

@@ -26,6 +26,10 @@ def load_data(config: Config):
     return dataset, train_data, valid_data, test_data
 
 
+def _plain(result) -> dict:
+    return {key: float(value) for key, value in (result or {}).items()}
+
+
 def run_darec(
     model: str | None = None,
     dataset: str | None = None,
@@ -64,9 +68,10 @@ def run_darec(
     return {
         "model": config["model"],
         "dataset": config["dataset"],
-        "best_valid_score": best_valid_score,
+        "best_valid_score": float(best_valid_score),
         "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": dict(best_valid_result or {}),
-        "test_result": dict(test_result or {}),
+        # RecBole's evaluator returns np.float64; plain floats print as {'ndcg@10': 0.1} and serialise to JSON.
+        "best_valid_result": _plain(best_valid_result),
+        "test_result": _plain(test_result),
         "saved_model_file": getattr(trainer, "saved_model_file", None) if saved else None,
     }

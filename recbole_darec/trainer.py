@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -13,8 +14,17 @@ from recbole_darec.compat import load_trusted_checkpoint
 def atomic_torch_save(obj, path: str) -> None:
     """Write ``obj`` to ``path`` so that a crash mid-write never leaves a truncated file under ``path``."""
     tmp_path = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp_path, pickle_protocol=4)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(obj, f, pickle_protocol=4)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not become visible before the data is on disk
+        os.replace(tmp_path, path)
+    except BaseException:
+        # A failed save (unpicklable object, full disk, Ctrl-C) leaves neither a partial file nor the temp file.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        raise
 
 
 class Trainer(RecBoleTrainer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util  # `import importlib` alone does not guarantee the util submodule is loaded
 
 from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
@@ -18,7 +19,7 @@ def get_model(model_name: str) -> type:
             return getattr(module, model_name)
     try:
         return recbole_get_model(model_name)
-    except ValueError:
+    except (ValueError, AttributeError):  # AttributeError: the module exists but the case differs (sasrec)
         raise ValueError(
             f"Unknown model '{model_name}': looked in recbole_darec.model ({module_path}) and in RecBole's "
             "recbole.model.{general,context_aware,sequential,knowledge_aware,exlib}_recommender. "

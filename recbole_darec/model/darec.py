@@ -1,0 +1,288 @@
+"""DARec (arXiv 2408.07427): a frozen pretrained decoder-only LLM reads the user's item history as text.
+
+Forward pass, top to bottom:
+1. ``pack_sequences``: ``[CF_USER] item_1 tokens [ITEM] item_2 tokens [ITEM] ...`` (layout.py).
+2. ``_embed``: frozen word embeddings, trainable embeddings for DARec's own tokens, CF vectors injected at
+   ``[CF_USER]`` and at each ``[ITEM]`` (cf_injection.py).
+3. ``_run_llm``: the backbone with adapters in every layer (adapters.py) under a causal or context mask (masks.py).
+4. The state at the ``[ITEM]`` after item k is the user after k items; ``user_proj`` of it scores every item.
+Item vectors: each item's text encoded alone (``pack_items``), its ``[ITEM]`` state through ``item_proj``, plus an
+item-ID embedding. Training uses a cache of item states refreshed every ``item_cache_refresh`` steps; the batch's
+target items are encoded afresh and carry gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_darec.data.item_text import cached_item_tokens
+from recbole_darec.model.adapters import attach_adapters, parse_adapter_arch, set_architecture
+from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.layout import SpecialTokens, pack_items, pack_sequences
+from recbole_darec.model.losses import cooccurrence_matrix, hard_negative_loss, info_nce, mine_hard_negatives
+from recbole_darec.model.masks import attention_mask
+
+
+class DARec(SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.context_masking = bool(config["context_masking"])
+        self.normalize_scores = bool(config["normalize_scores"])
+        self.temperature = float(config["temperature"])
+        self.lambda_align = float(config["lambda_align"] or 0.0)
+        self.lambda_hard = float(config["lambda_hard"] or 0.0)
+        self.hard_temperature = float(config["hard_temperature"])
+        self.n_hard_negatives = int(config["hard_negatives"])
+        self.use_item_id = bool(config["use_item_id"])
+        self.item_cache_refresh = int(config["item_cache_refresh"])
+        self.item_encode_batch_size = int(config["item_encode_batch_size"])
+        self.supernet = bool(config["supernet"])
+        self.USER_ID = config["USER_ID_FIELD"]
+        for key in ("adapter_size", "train_batch_size", "learning_rate"):
+            if config[key] is not None and config[key] <= 0:
+                raise ValueError(f"{key}={config[key]}: must be positive (set it in properties/model/DARec.yaml "
+                                 f"or with --{key}=...).")
+
+        # Backbone: frozen, possibly truncated to its first llm_layers layers.
+        self.backbone = load_backbone(config["llm_path"], config["llm_layers"], config["llm_random_config"])
+        self.llm = self.backbone.model
+        hidden_size = self.backbone.hidden_size
+        self.n_llm_layers = len(self.backbone.layers)
+
+        # Item text as token ids, aligned to RecBole's internal item ids.
+        token_ids, token_len = cached_item_tokens(
+            dataset.item_sentences, self.backbone.tokenizer, int(config["item_max_tokens"]),
+            self.backbone.tokenizer.name, config["item_text_cache_dir"],
+        )
+        self.register_buffer("item_token_ids", token_ids, persistent=False)
+        self.register_buffer("item_token_len", token_len, persistent=False)
+
+        vocab = self.backbone.vocab_size
+        self.special = SpecialTokens(item=vocab, align=vocab + 1, cf_user=vocab + 2)
+        word_embeddings = self.backbone.input_embeddings().weight
+        self.special_embeddings = nn.Embedding(3, hidden_size)
+        with torch.no_grad():  # start DARec's tokens at the backbone's mean token, not at noise of another scale
+            self.special_embeddings.weight.copy_(word_embeddings.mean(0).expand(3, -1))
+            self.special_embeddings.weight.add_(torch.randn(3, hidden_size) * word_embeddings.std() * 0.02)
+
+        # Adapters (two per layer) or LoRA.
+        self.adapter_type = config["adapter_type"]
+        self.adapter_arch = parse_adapter_arch(config["adapter_arch"], self.n_llm_layers)
+        if self.adapter_type == "bottleneck":
+            self.adapters, self._adapter_hooks = attach_adapters(
+                self.backbone.layers, hidden_size, int(config["adapter_size"]), self.adapter_arch,
+                supernet=self.supernet, dropout=float(config["adapter_dropout"] or 0.0),
+            )
+        elif self.adapter_type == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(r=int(config["adapter_size"]), lora_alpha=2 * int(config["adapter_size"]),
+                              target_modules=list(config["lora_target_modules"]), lora_dropout=0.0)
+            self.llm = inject_adapter_in_model(lora, self.llm)
+            self.backbone.model = self.llm
+            self.adapters = nn.ModuleList()
+        else:
+            raise ValueError(f"adapter_type={self.adapter_type!r}: expected bottleneck or lora")
+
+        # Recommendation heads.
+        rec_dim = int(config["rec_dim"])
+        self.user_proj = nn.Linear(hidden_size, rec_dim)
+        self.item_proj = nn.Linear(hidden_size, rec_dim)
+        self.item_id_embedding = nn.Embedding(self.n_items, rec_dim, padding_idx=0)
+        nn.init.normal_(self.item_id_embedding.weight, std=0.02)
+
+        self.cf_injection = None
+        if config["cf_model"]:
+            from recbole_darec.model.cf_injection import CFInjection
+
+            self.cf_injection = CFInjection(config, dataset, hidden_size)
+
+        # Training sequences of this (training) dataset, for hard-negative mining (co-occurrence).
+        sequences, lengths = dataset.training_sequences()
+        self._training_sequences = (sequences, lengths)
+        self.register_buffer("hard_negatives", torch.zeros(self.n_items, max(self.n_hard_negatives, 1),
+                                                            dtype=torch.long))
+        self.register_buffer("hard_negatives_ready", torch.zeros((), dtype=torch.bool))
+        self.item_state_cache: torch.Tensor | None = None  # (n_items, hidden) detached, refreshed in training
+        self._steps_since_refresh = 0
+        self._eval_item_vectors: torch.Tensor | None = None  # (n_items, rec_dim), built once per evaluation
+
+        self._frozen_keys = {f"llm.{name}" for name, p in self.llm.named_parameters() if not p.requires_grad}
+        self._frozen_keys |= {f"llm.{name}" for name, _ in self.llm.named_buffers()}
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        self.logger.info(f"DARec parameters: trainable {trainable:,} / total {total:,} "
+                         f"({100 * trainable / total:.2f}%), backbone {self.backbone.name}")
+
+    # ----- checkpoints hold what trains, not the frozen backbone -----------------------------------------------
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in self._frozen_keys:
+            state.pop(prefix + key, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if key not in self._frozen_keys]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"DARec checkpoint does not match this model (missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}): was it trained with another backbone, llm_layers, adapter or CF "
+                "setting? Use the same settings as the run that wrote it."
+            )
+        self.item_state_cache = None
+        self._eval_item_vectors = None
+        return result
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._eval_item_vectors = None  # the weights will change: the next evaluation re-encodes every item
+        return super().train(mode)
+
+    # ----- the LLM pass ---------------------------------------------------------------------------------------
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        vocab = self.backbone.vocab_size
+        is_special = input_ids >= vocab
+        words = self.backbone.input_embeddings()(input_ids.clamp(max=vocab - 1))  # (B, T, H)
+        special = self.special_embeddings((input_ids - vocab).clamp(min=0))
+        return torch.where(is_special[..., None], special.to(words.dtype), words)
+
+    def _run_llm(self, inputs_embeds: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask(block_ids, self.context_masking, inputs_embeds.dtype)  # (B, 1, T, T)
+        position_ids = torch.arange(block_ids.shape[1], device=block_ids.device).expand_as(block_ids)
+        output = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                          use_cache=False)
+        return output.last_hidden_state  # (B, T, H)
+
+    def encode_sequences(self, seq_items: torch.Tensor, seq_len: torch.Tensor,
+                         user_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """User states after each item: (B, L, H); slots past ``seq_len`` hold garbage and must be masked."""
+        packed = pack_sequences(seq_items, seq_len, self.item_token_ids, self.item_token_len, self.special)
+        inputs_embeds = self._embed(packed.input_ids)
+        if self.cf_injection is not None:
+            inputs_embeds = self.cf_injection.inject(inputs_embeds, user_ids, seq_items, packed.boundary_positions,
+                                                     packed.slot_valid)
+        hidden = self._run_llm(inputs_embeds, packed.block_ids)
+        index = packed.boundary_positions[..., None].expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index)  # (B, L, H)
+
+    def encode_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[ITEM]`` states, ``[ALIGN]`` states) of items encoded alone: (N, H) each."""
+        packed = pack_items(items, self.item_token_ids, self.item_token_len, self.special)
+        hidden = self._run_llm(self._embed(packed.input_ids), packed.block_ids)
+        rows = torch.arange(len(items), device=items.device)
+        return hidden[rows, packed.item_positions], hidden[rows, packed.align_positions]
+
+    @torch.no_grad()
+    def encode_all_items(self) -> torch.Tensor:
+        """``[ITEM]`` states of every item, (n_items, H), in eval mode (no dropout)."""
+        was_training = self.training
+        super().train(False)
+        items = torch.arange(self.n_items, device=self.item_token_ids.device)
+        states = torch.cat([self.encode_items(chunk)[0] for chunk in items.split(self.item_encode_batch_size)])
+        super().train(was_training)
+        return states
+
+    # ----- scores -------------------------------------------------------------------------------------------
+    def item_vectors(self, item_states: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        vectors = self.item_proj(item_states)
+        if self.use_item_id:
+            vectors = vectors + self.item_id_embedding(item_ids)
+        return vectors
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(P, D) x (N, D) -> (P, N) logits."""
+        if self.normalize_scores:
+            return F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T / self.temperature
+        return users @ items.T
+
+    # ----- training -----------------------------------------------------------------------------------------
+    def _refresh_item_cache_if_due(self) -> None:
+        if self.item_state_cache is None or self._steps_since_refresh >= self.item_cache_refresh:
+            self.item_state_cache = self.encode_all_items()
+            self._steps_since_refresh = 0
+            if self.lambda_hard > 0 and not bool(self.hard_negatives_ready):
+                # Mined once from the untrained model (adapters start at zero: the backbone's own text states),
+                # so the negatives do not drift with training and are saved with the model.
+                sequences, lengths = self._training_sequences
+                cooccurrence = cooccurrence_matrix(sequences, lengths, self.n_items)
+                negatives = mine_hard_negatives(self.item_state_cache.cpu(), cooccurrence, self.n_hard_negatives)
+                self.hard_negatives.copy_(negatives.to(self.hard_negatives.device))
+                self.hard_negatives_ready.fill_(True)
+        self._steps_since_refresh += 1
+
+    def sample_architecture(self) -> list[int]:
+        """Supernet training: one serial/parallel choice per layer, uniformly at random."""
+        arch = torch.randint(0, 2, (self.n_llm_layers,)).tolist()
+        set_architecture(self.adapters, arch)
+        return arch
+
+    def calculate_loss(self, interaction):
+        if self.supernet:
+            self.sample_architecture()
+        item_seq = interaction[self.ITEM_SEQ]  # (B, L)
+        item_len = interaction[self.ITEM_SEQ_LEN]  # (B,)
+        target = interaction[self.POS_ITEM_ID]  # (B,)
+        users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+        # The whole training sequence: history plus its last item; a loss at every item boundary.
+        full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)  # (B, L+1)
+        full_seq[torch.arange(len(item_len)), item_len] = target
+        full_len = item_len + 1
+
+        states = self.encode_sequences(full_seq, full_len, users)  # (B, L+1, H)
+        has_next = torch.arange(full_seq.shape[1] - 1, device=full_seq.device)[None, :] < item_len[:, None]
+        user_vecs = self.user_proj(states[:, :-1][has_next])  # (P, D): state after item k ...
+        next_items = full_seq[:, 1:][has_next]  # (P,) ... predicts item k+1
+
+        self._refresh_item_cache_if_due()
+        batch_items = torch.unique(next_items)
+        fresh_states, align_states = self.encode_items(batch_items)
+        item_states = self.item_state_cache.index_copy(0, batch_items, fresh_states)  # fresh rows carry gradient
+        all_items = torch.arange(self.n_items, device=item_seq.device)
+        item_vecs = self.item_vectors(item_states, all_items)  # (n_items, D)
+
+        logits = self.score(user_vecs, item_vecs)
+        logits[:, 0] = float("-inf")
+        losses = [F.cross_entropy(logits, next_items)]
+        if self.lambda_align > 0:
+            # [ALIGN] state of an item's text vs. its ID embedding: the text and ID spaces describe the same item.
+            aligned = self.item_proj(align_states)
+            losses.append(self.lambda_align * info_nce(aligned, self.item_id_embedding(batch_items), self.temperature))
+        if self.lambda_hard > 0:
+            negatives = item_vecs[self.hard_negatives[next_items]]  # (P, K, D)
+            losses.append(self.lambda_hard * hard_negative_loss(user_vecs, item_vecs[next_items], negatives,
+                                                                self.hard_temperature))
+        if self.cf_injection is not None and self.cf_injection.lambda_cf > 0:
+            losses.append(self.cf_injection.lambda_cf * self.cf_injection.calculate_loss(users, full_seq, full_len))
+        return tuple(losses)
+
+    # ----- evaluation ---------------------------------------------------------------------------------------
+    def _user_vectors(self, interaction) -> torch.Tensor:
+        item_seq = interaction[self.ITEM_SEQ]
+        item_len = interaction[self.ITEM_SEQ_LEN]
+        users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+        states = self.encode_sequences(item_seq, item_len, users)
+        last = states[torch.arange(len(item_len)), item_len - 1]  # state after the last item of the history
+        return self.user_proj(last)
+
+    def _all_item_vectors(self) -> torch.Tensor:
+        if self._eval_item_vectors is None or self.training:
+            all_items = torch.arange(self.n_items, device=self.item_token_ids.device)
+            self._eval_item_vectors = self.item_vectors(self.encode_all_items(), all_items)
+        return self._eval_item_vectors
+
+    def predict(self, interaction):
+        users = self._user_vectors(interaction)
+        items = self._all_item_vectors()[interaction[self.ITEM_ID]]
+        if self.normalize_scores:
+            return (F.normalize(users, dim=-1) * F.normalize(items, dim=-1)).sum(-1) / self.temperature
+        return (users * items).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        return self.score(self._user_vectors(interaction), self._all_item_vectors())  # (B, n_items)

@@ -1,0 +1,54 @@
+"""DARec's auxiliary losses and the mining of hard negatives."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE over a batch: row i of ``queries`` should match row i of ``keys`` against every other row."""
+    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature  # (N, N)
+    return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
+
+
+def hard_negative_loss(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """InfoNCE of each user state (P, D) against its target (P, D) and the target's hard negatives (P, K, D)."""
+    users = F.normalize(users, dim=-1)
+    candidates = F.normalize(torch.cat([positives[:, None, :], negatives], dim=1), dim=-1)  # (P, 1+K, D)
+    logits = torch.einsum("pd,pkd->pk", users, candidates) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(users), dtype=torch.long, device=users.device))
+
+
+def cooccurrence_matrix(sequences: torch.Tensor, lengths: torch.Tensor, n_items: int) -> sp.csr_matrix:
+    """Item x item matrix, non-zero where two items appear in one training sequence."""
+    positions = torch.arange(sequences.shape[1])[None, :] < lengths[:, None]
+    rows = torch.arange(len(sequences))[:, None].expand_as(sequences)[positions].numpy()
+    cols = sequences[positions].numpy()
+    user_item = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(sequences), n_items))
+    user_item.data[:] = 1.0
+    return (user_item.T @ user_item).tocsr()
+
+
+@torch.no_grad()
+def mine_hard_negatives(text_vectors: torch.Tensor, cooccurrence: sp.csr_matrix, n_negatives: int,
+                        chunk_size: int = 1024) -> torch.Tensor:
+    """For every item, the ``n_negatives`` items nearest by text vector (cosine) that never co-occur with it in a
+    training sequence. Row 0 (padding) and the item itself are never chosen. Returns (n_items, n_negatives)."""
+    n_items = len(text_vectors)
+    if n_negatives >= n_items - 1:
+        raise ValueError(f"hard_negatives={n_negatives} must be smaller than the number of items ({n_items - 1})")
+    vectors = F.normalize(text_vectors.float(), dim=-1)
+    negatives = torch.zeros(n_items, n_negatives, dtype=torch.long)
+    for start in range(0, n_items, chunk_size):
+        stop = min(start + chunk_size, n_items)
+        sims = vectors[start:stop] @ vectors.T  # (chunk, n_items)
+        together = torch.from_numpy(cooccurrence[start:stop].toarray() > 0)
+        sims.masked_fill_(together, float("-inf"))
+        sims[:, 0] = float("-inf")
+        sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
+        negatives[start:stop] = sims.topk(n_negatives, dim=1).indices
+    return negatives
