@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from logging import getLogger
 
 from recbole.data import data_preparation
@@ -58,10 +59,14 @@ def run_darec(
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
     if config["resume"]:
         trainer.resume_checkpoint(config["resume"])
+    start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test_seconds = time.perf_counter() - start
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
@@ -73,5 +78,9 @@ def run_darec(
         # RecBole's evaluator returns np.float64; plain floats print as {'ndcg@10': 0.1} and serialise to JSON.
         "best_valid_result": _plain(best_valid_result),
         "test_result": _plain(test_result),
+        "train_seconds": train_seconds,  # fit(): training and per-epoch validation
+        "test_seconds": test_seconds,
+        "n_test_rows": len(test_data._dataset),
+        "trainable_parameters": sum(p.numel() for p in model_obj.parameters() if p.requires_grad),
         "saved_model_file": getattr(trainer, "saved_model_file", None) if saved else None,
     }

@@ -1,0 +1,222 @@
+"""One-command benchmark: DARec, its ablations and RecBole baselines, one protocol, one process tree.
+
+    python benchmarks/run.py --dataset=amazon-scientific --models=DARec,DARecbase,SASRec --profile=cpu
+    python benchmarks/run.py --dataset=ml-100k --models=SASRec,GRU4Rec --seeds=2020,2021,2022
+
+Each row (model variant x seed) trains in its own child process (so peak memory is per row) with the settings of
+``benchmarks/profiles/<profile>.yaml`` layered over the plugin's properties/. Writes to ``--out``:
+results.md (table), results.csv, runs.json (every row's exact config and metrics), ndcg_recall.png, speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ["recall@10", "recall@50", "ndcg@10", "ndcg@50", "mrr@10", "mrr@50"]
+DEFAULT_MODELS = "DARec,DARecbase,SASRec,GRU4Rec,BERT4Rec"
+
+
+def default_data_path(dataset: str) -> str | None:
+    """The project's dataset/ folder, else the prepared shared copy beside the checkout (amazon-scientific)."""
+    for root in (ROOT / "dataset", ROOT.parent / "shared" / "datasets"):
+        if (root / dataset / f"{dataset}.inter").is_file():
+            return str(root)
+    return None
+
+
+def row_config(profile: dict, variant: str, seed: int, data_path: str | None, out_dir: Path) -> tuple[str, dict]:
+    if variant not in profile["variants"]:
+        raise SystemExit(f"--models: unknown variant '{variant}'; the profile defines {', '.join(profile['variants'])}")
+    settings = {**profile.get("common", {}), **profile["variants"][variant]}
+    model = settings.pop("model")
+    settings.update({"seed": seed, "checkpoint_dir": str(out_dir / "saved"),
+                     "item_text_cache_dir": str(out_dir / "saved" / "item_text_cache")})
+    if data_path:
+        settings["data_path"] = data_path
+    return model, settings
+
+
+def run_row(model: str, dataset: str, settings: dict, result_file: Path) -> None:
+    """Child process: train + evaluate one row, write its metrics, times and peak memory as JSON."""
+    import recbole_darec  # noqa: F401  (compat first)
+    from recbole_darec.quick_start import run_darec
+
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the row's settings are all in settings
+    result = run_darec(model=model, dataset=dataset, config_dict=settings)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result_file.write_text(json.dumps(result, default=float, indent=1))
+
+
+def run_speed(model: str, dataset: str, settings: dict, result_file: Path) -> None:
+    from speed import measure  # benchmarks/ is sys.path[0] when this file runs as a script
+
+    import recbole_darec  # noqa: F401  (compat first)
+
+    sys.argv = sys.argv[:1]
+    result_file.write_text(json.dumps(measure(model, dataset, settings), indent=1))
+
+
+def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
+    """Mean and spread over seeds per variant."""
+    table = []
+    for variant in variants:
+        runs = [r for r in rows if r["variant"] == variant and "test_result" in r]
+        if not runs:
+            continue
+        entry = {"variant": variant, "seeds": len(runs)}
+        for key in METRICS:
+            values = [r["test_result"][key] for r in runs]
+            entry[key] = statistics.mean(values)
+            entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for key in ("train_seconds", "test_seconds", "peak_rss_mb", "trainable_parameters"):
+            entry[key] = statistics.mean(r[key] for r in runs)
+        entry["eval_ms_per_user"] = 1000 * entry["test_seconds"] / max(runs[0]["n_test_rows"], 1)
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict], reference: str) -> str:
+    ref = next((e for e in table if e["variant"] == reference), None)
+    lines = ["| model | seeds | R@10 | R@50 | N@10 | N@50 | MRR@10 | MRR@50 | train s | test s | eval ms/user | "
+             "peak RSS MB | trainable params |", "|" + "---|" * 13]
+    for e in table:
+        cells = []
+        for key in METRICS:
+            cell = f"{e[key]:.4f}"
+            if e["seeds"] > 1:
+                cell += f" ± {e[key + '_std']:.4f}"
+            cells.append(cell)
+        if ref and e is not ref and e["seeds"] > 1:
+            spread = max(e["ndcg@10_std"], ref["ndcg@10_std"])
+            if abs(e["ndcg@10"] - ref["ndcg@10"]) <= spread:
+                cells[2] += f" (n.s. vs {reference})"
+        lines.append(f"| {e['variant']} | {e['seeds']} | " + " | ".join(cells) + f" | {e['train_seconds']:.0f} | "
+                     f"{e['test_seconds']:.0f} | {e['eval_ms_per_user']:.2f} | {e['peak_rss_mb']:.0f} | "
+                     f"{int(e['trainable_parameters']):,} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e["variant"] for e in table]
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    width = 0.4
+    for offset, key, label in ((-width / 2, "ndcg@10", "NDCG@10"), (width / 2, "recall@10", "Recall@10")):
+        ax.bar([x + offset for x in xs], [e[key] for e in table], width,
+               yerr=[e[key + "_std"] for e in table], label=label, capsize=3)
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="amazon-scientific")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated variants of the profile")
+    parser.add_argument("--profile", default="cpu", help="benchmarks/profiles/<name>.yaml")
+    parser.add_argument("--seeds", default="2020", help="comma-separated seeds; each row runs once per seed")
+    parser.add_argument("--data_path", default=None, help="folder holding <dataset>/ (default: dataset/ or shared)")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<dataset>-<profile>)")
+    parser.add_argument("--speed", action="store_true", help="also measure DARec's speed figures")
+    parser.add_argument("--reference", default="SASRec", help="variant the significance marks compare against")
+    parser.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "SETTINGS_JSON", "RESULT_JSON"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        kind, model, settings_file, result_file = args.child
+        settings = json.loads(Path(settings_file).read_text())
+        (run_speed if kind == "speed" else run_row)(model, args.dataset, settings, Path(result_file))
+        return
+
+    profile = yaml.safe_load((ROOT / "benchmarks" / "profiles" / f"{args.profile}.yaml").read_text())
+    out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-{args.profile}").resolve()
+    (out_dir / "rows").mkdir(parents=True, exist_ok=True)
+    data_path = args.data_path or default_data_path(args.dataset)
+    variants = [v.strip() for v in args.models.split(",") if v.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    rows = []
+    for seed in seeds:
+        for variant in variants:
+            model, settings = row_config(profile, variant, seed, data_path, out_dir)
+            stem = out_dir / "rows" / f"{variant}-seed{seed}"
+            Path(f"{stem}.config.json").write_text(json.dumps(settings, indent=1))
+            result_file = Path(f"{stem}.json")
+            if not result_file.exists():  # finished rows are kept: an interrupted benchmark resumes
+                print(f"== {variant} (seed {seed}) ...", flush=True)
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "row", model,
+                                       f"{stem}.config.json", str(result_file)], cwd=out_dir, check=False)
+                if done.returncode != 0:
+                    print(f"!! {variant} (seed {seed}) failed with exit code {done.returncode}", flush=True)
+                    continue
+                print(f"   done in {time.perf_counter() - start:.0f}s", flush=True)
+            row = json.loads(result_file.read_text())
+            rows.append({"variant": variant, "seed": seed, "config": settings, **row})
+
+    speed = {}
+    if args.speed:
+        for variant in variants:
+            model, settings = row_config(profile, variant, seeds[0], data_path, out_dir)
+            if not model.startswith("DARec"):
+                continue
+            speed_file = out_dir / "rows" / f"{variant}.speed.json"
+            if not speed_file.exists():
+                Path(f"{speed_file}.config").write_text(json.dumps(settings))
+                subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "speed", model,
+                                f"{speed_file}.config", str(speed_file)], cwd=out_dir, check=False)
+            if speed_file.exists():
+                speed[variant] = json.loads(speed_file.read_text())
+
+    table = summarise(rows, variants)
+    header = (f"Dataset {args.dataset}, profile {args.profile}, seeds {args.seeds}; machine: {platform.machine()}, "
+              f"{os.cpu_count()} CPU cores, {platform.python_version()}.\n"
+              f"Command: python benchmarks/run.py --dataset={args.dataset} --models={args.models} "
+              f"--profile={args.profile} --seeds={args.seeds}{' --speed' if args.speed else ''}\n\n")
+    text = header + markdown(table, args.reference)
+    if speed:
+        text += ("\nSpeed (one training batch; ratio = DARec step / plain backbone forward+backward on the same "
+                 "tokens)\n\n")
+        text += "| model | batch users | batch tokens | DARec step s | plain step s | ratio | item refresh s | " \
+                "tokens/epoch all-position | tokens/epoch per-prefix | eval ms/user |\n" + "|---" * 10 + "|\n"
+        for variant, s in speed.items():
+            text += (f"| {variant} | {s['batch_users']} | {s['batch_tokens']} | {s['darec_step_s']:.2f} | "
+                     f"{s['plain_step_s']:.2f} | {s['step_ratio']:.2f} | {s['item_cache_refresh_s']:.1f} | "
+                     f"{s['tokens_per_epoch_all_position']:,} | {s['tokens_per_epoch_per_prefix']:,} | "
+                     f"{s['eval_ms_per_user']:.2f} |\n")
+    (out_dir / "results.md").write_text(text)
+    (out_dir / "runs.json").write_text(json.dumps(rows, indent=1, default=float))
+    (out_dir / "speed.json").write_text(json.dumps(speed, indent=1))
+    with open(out_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["variant"])
+        writer.writeheader()
+        writer.writerows(table)
+    if table:
+        plot(table, out_dir / "ndcg_recall.png", f"{args.dataset} ({args.profile} profile)")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Speed figures of DARec, measured on real batches of a dataset.
+
+- step ratio: one DARec training step (all losses, forward + backward) over a plain forward + backward of the same
+  backbone (no adapters, causal mask) on the same packed tokens;
+- LLM tokens per epoch: all-position training (one sample per user) vs. RecBole's per-prefix augmentation;
+- evaluation time per user (item vectors built once per evaluation, timed separately).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from recbole_darec.config import Config
+from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.layout import pack_sequences
+from recbole_darec.quick_start import load_data
+from recbole_darec.utils import get_model
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def tokens_per_epoch(sequences: torch.Tensor, lengths: torch.Tensor, item_token_len: torch.Tensor) -> tuple[int, int]:
+    """(all-position, per-prefix) LLM tokens for one pass over the training sequences."""
+    slot = torch.arange(sequences.shape[1])[None, :] < lengths[:, None]
+    per_item = torch.where(slot, item_token_len[sequences] + 1, 0)  # text + [ITEM]
+    prefix_tokens = 1 + torch.cumsum(per_item, dim=1)  # tokens of the prefix ending at each item
+    all_position = int(prefix_tokens[torch.arange(len(lengths)), lengths - 1].sum())
+    # RecBole's augmentation makes one row per prefix of >= 1 item followed by a target: prefixes 1..n-1.
+    has_target = torch.arange(sequences.shape[1])[None, :] < (lengths - 1)[:, None]
+    per_prefix = int(prefix_tokens[has_target].sum())
+    return all_position, per_prefix
+
+
+def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3) -> dict:
+    config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
+    _, train_data, valid_data, _ = load_data(config)
+    model = get_model(model_name)(config, train_data._dataset).to(config["device"])
+    model.train()
+    batch = next(iter(train_data)).to(config["device"])
+
+    def darec_step():
+        model.zero_grad(set_to_none=True)
+        model._steps_since_refresh = 0  # time the steady state, not the periodic item-cache refresh
+        sum(model.calculate_loss(batch)).backward()
+
+    darec_seconds = _timed(darec_step, repeats)
+    refresh_seconds = _timed(model.encode_all_items, 1)
+
+    plain = load_backbone(config["llm_path"], config["llm_layers"], config["llm_random_config"]).model
+    plain.to(config["device"])
+    item_seq, item_len, target = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
+    full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
+    full_seq[torch.arange(len(item_len)), item_len] = target
+    packed = pack_sequences(full_seq, item_len + 1, model.item_token_ids, model.item_token_len, model.special)
+    embeds = model._embed(packed.input_ids).detach()
+    padding_mask = (packed.block_ids >= 0).long()
+
+    def plain_step():
+        inputs = embeds.clone().requires_grad_(True)  # backward through every layer, as DARec's adapters need
+        plain(inputs_embeds=inputs, attention_mask=padding_mask, use_cache=False).last_hidden_state.sum().backward()
+
+    plain_seconds = _timed(plain_step, repeats)
+
+    sequences, lengths = train_data._dataset.training_sequences()
+    all_position, per_prefix = tokens_per_epoch(sequences, lengths, model.item_token_len.cpu())
+
+    model.eval()
+    eval_batch = next(iter(valid_data))[0].to(config["device"])
+
+    def encode_every_item():
+        model._eval_item_vectors = None
+        model._all_item_vectors()
+
+    with torch.no_grad():
+        item_seconds = _timed(encode_every_item, 1)
+        user_seconds = _timed(lambda: model.full_sort_predict(eval_batch), repeats) / len(eval_batch)
+    return {
+        "batch_users": len(item_len),
+        "batch_tokens": int((packed.block_ids >= 0).sum()),
+        "darec_step_s": darec_seconds,
+        "plain_step_s": plain_seconds,
+        "step_ratio": darec_seconds / plain_seconds,
+        "item_cache_refresh_s": refresh_seconds,
+        "tokens_per_epoch_all_position": all_position,
+        "tokens_per_epoch_per_prefix": per_prefix,
+        "eval_item_encoding_s": item_seconds,
+        "eval_ms_per_user": 1000 * user_seconds,
+    }
