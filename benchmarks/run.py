@@ -37,10 +37,11 @@ def default_data_path(dataset: str) -> str | None:
     return None
 
 
-def row_config(profile: dict, variant: str, seed: int, data_path: str | None, out_dir: Path) -> tuple[str, dict]:
+def row_config(profile: dict, variant: str, seed: int, data_path: str | None, out_dir: Path,
+               overrides: dict) -> tuple[str, dict]:
     if variant not in profile["variants"]:
         raise SystemExit(f"--models: unknown variant '{variant}'; the profile defines {', '.join(profile['variants'])}")
-    settings = {**profile.get("common", {}), **profile["variants"][variant]}
+    settings = {**profile.get("common", {}), **profile["variants"][variant], **overrides}
     model = settings.pop("model")
     settings.update({"seed": seed, "checkpoint_dir": str(out_dir / "saved"),
                      "item_text_cache_dir": str(out_dir / "saved" / "item_text_cache")})
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<dataset>-<profile>)")
     parser.add_argument("--speed", action="store_true", help="also measure DARec's speed figures")
     parser.add_argument("--reference", default="SASRec", help="variant the significance marks compare against")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting in every row (yaml value), e.g. --set epochs=1")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "SETTINGS_JSON", "RESULT_JSON"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,11 +159,15 @@ def main() -> None:
     data_path = args.data_path or default_data_path(args.dataset)
     variants = [v.strip() for v in args.models.split(",") if v.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
 
     rows = []
     for seed in seeds:
         for variant in variants:
-            model, settings = row_config(profile, variant, seed, data_path, out_dir)
+            model, settings = row_config(profile, variant, seed, data_path, out_dir, overrides)
             stem = out_dir / "rows" / f"{variant}-seed{seed}"
             Path(f"{stem}.config.json").write_text(json.dumps(settings, indent=1))
             result_file = Path(f"{stem}.json")
@@ -179,7 +186,7 @@ def main() -> None:
     speed = {}
     if args.speed:
         for variant in variants:
-            model, settings = row_config(profile, variant, seeds[0], data_path, out_dir)
+            model, settings = row_config(profile, variant, seeds[0], data_path, out_dir, overrides)
             if not model.startswith("DARec"):
                 continue
             speed_file = out_dir / "rows" / f"{variant}.speed.json"
@@ -194,7 +201,8 @@ def main() -> None:
     header = (f"Dataset {args.dataset}, profile {args.profile}, seeds {args.seeds}; machine: {platform.machine()}, "
               f"{os.cpu_count()} CPU cores, {platform.python_version()}.\n"
               f"Command: python benchmarks/run.py --dataset={args.dataset} --models={args.models} "
-              f"--profile={args.profile} --seeds={args.seeds}{' --speed' if args.speed else ''}\n\n")
+              f"--profile={args.profile} --seeds={args.seeds}{' --speed' if args.speed else ''}"
+              + "".join(f" --set {item}" for item in args.set) + "\n\n")
     text = header + markdown(table, args.reference)
     if speed:
         text += ("\nSpeed (one training batch; ratio = DARec step / plain backbone forward+backward on the same "

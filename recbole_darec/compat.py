@@ -14,6 +14,18 @@ for _name, _value in _NUMPY_ALIASES.items():
     if not hasattr(np, _name):
         setattr(np, _name, _value)
 
+# scipy>=1.12 keeps a dok_matrix's entries in ``_dict`` and dropped ``dok_matrix._update`` (the unchecked bulk
+# insert), which RecBole's graph models (LightGCN, NGCF, ...) call to build their adjacency matrix:
+# "'dok_matrix' object has no attribute '_update'". Restore it with its old meaning.
+import scipy.sparse as _sparse  # noqa: E402  (after the numpy aliases, like every other import of scipy here)
+
+if not hasattr(_sparse.dok_matrix, "_update"):
+
+    def _dok_update(self, data: dict) -> None:
+        self._dict.update(data)
+
+    _sparse.dok_matrix._update = _dok_update
+
 # Never import recbole.quick_start: it imports ray 2.6.3, which needs pkg_resources (gone from setuptools>=81)
 # and np.bool8. The plugin has its own quick_start (recbole_darec.quick_start).
 
@@ -27,3 +39,24 @@ def load_trusted_checkpoint(path: str, map_location=None) -> dict:
     import torch
 
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def fix_recbole_hyper_tuning() -> None:
+    """Make ``recbole.trainer.HyperTuning`` work with hyperopt 0.3 and numpy 2 (idempotent; call before use)."""
+    import types
+
+    from recbole.trainer import hyper_tuning
+
+    original = hyper_tuning.exhaustive_search
+    if getattr(original, "_darec_fixed", False):
+        return
+    # hyperopt>=0.2.7 samples with Generator methods (rng.integers), RecBole's algo='exhaustive' passes a RandomState.
+    numpy_for_it = types.SimpleNamespace(random=types.SimpleNamespace(RandomState=np.random.default_rng))
+    fixed = types.FunctionType(
+        original.__code__, {**original.__globals__, "np": numpy_for_it}, original.__name__, original.__defaults__
+    )
+    fixed._darec_fixed = True
+    hyper_tuning.exhaustive_search = fixed
+    # numpy 2 removed np.str; HyperTuning.plot_hyper (display_file) casts trial numbers with it.
+    if "str" not in np.__dict__:
+        np.str = str

@@ -36,12 +36,43 @@ class DARecDataset(SequentialDataset):
     def build(self):
         datasets = super().build()
         train = datasets[0]
+        # Every training (user, item) pair, taken before the rows are cut to one per user: a last row holds at most
+        # MAX_ITEM_LIST_LENGTH items, and the CF model of cf_injection.py must see all training interactions.
+        train._training_pairs = self._all_training_pairs(train.inter_feat)
         user_ids = train.inter_feat[self.uid_field].numpy()
         # Rows of one user are in time order, so the last row of each user holds the longest training prefix.
         _, first_from_end = np.unique(user_ids[::-1], return_index=True)
         last_rows = np.sort(len(user_ids) - 1 - first_from_end)
         train.inter_feat = train.inter_feat[torch.from_numpy(last_rows)]
         return datasets
+
+    def _all_training_pairs(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        # RecBole's augmented rows (sorted by user, then time): each row's target, plus the first item of each
+        # user's first row (the only row of length 1), which is no row's target. Same rule as
+        # SequentialDataset.inter_matrix, which only works before the rows are cut.
+        first = rows[self.item_list_length_field] == 1
+        users = torch.cat([rows[self.uid_field][first], rows[self.uid_field]])
+        items = torch.cat([rows[self.item_id_list_field][first, 0], rows[self.iid_field]])
+        # Time order within a user: the first item (key 2 * row) comes before the row's target (2 * row + 1).
+        row = torch.arange(len(rows))
+        order = torch.argsort(torch.cat([2 * row[first], 2 * row + 1]))
+        return users[order], items[order]
+
+    def training_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items) of every training interaction of this (training) dataset, in time order per user.
+
+        Users with fewer than four interactions have no training row (their last two items are valid and test,
+        the first is only history) and no pair here.
+        """
+        pairs = getattr(self, "_training_pairs", None)
+        if pairs is not None:
+            return pairs
+        # A dataset not made by build() (e.g. a hand-made copy): rebuild from the sequences, which hold at most
+        # MAX_ITEM_LIST_LENGTH + 1 items per user.
+        sequences, lengths = self.training_sequences()
+        valid = torch.arange(sequences.shape[1])[None, :] < lengths[:, None]
+        users = self.inter_feat[self.uid_field][:, None].expand_as(sequences)
+        return users[valid], sequences[valid]
 
     def training_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequences (n_rows, L+1), lengths) of this (training) dataset: each row's item list plus its target."""
