@@ -2,6 +2,7 @@
 
     python run_darec.py --model=DARec --dataset=amazon-scientific
     python run_darec.py --model=SASRec --dataset=ml-100k --epochs=5
+    python run_darec.py --model=DARec --dataset=amazon-scientific --search=bo      # or --search=random
 
 Flags are RecBole's: --model, --dataset, --config_files="a.yaml b.yaml", and any --key=value override.
 """
@@ -22,3 +23,7 @@ if __name__ == "__main__":
     result = run_darec(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
     print(f"best valid ({result['model']} on {result['dataset']}): {result['best_valid_result']}")
     print(f"test result ({result['model']} on {result['dataset']}): {result['test_result']}")
+    if "adapter_arch" in result:
+        from recbole_darec.search import describe_arch
+
+        print(f"adapter_arch ({result['search']['method']} search): {describe_arch(result['adapter_arch'])}")

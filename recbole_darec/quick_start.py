@@ -31,6 +31,36 @@ def _plain(result) -> dict:
     return {key: float(value) for key, value in (result or {}).items()}
 
 
+def _search_if_asked(config: Config, train_data, valid_data) -> dict:
+    """``--search=bo|random``: search DARec's per-layer serial/parallel adapters on a weight-sharing supernet and
+    fix the best as ``adapter_arch`` of the model trained next. RecBole pickles the config into the checkpoint,
+    so the saved model records its architecture. Returns what the search adds to run_darec's result."""
+    if not config["search"]:
+        return {}
+    from recbole_darec.search.supernet import describe_arch, search_architecture, search_paths
+
+    start = time.perf_counter()
+    best_arch, result = search_architecture(config, config["search"], train_data, valid_data)
+    config["adapter_arch"] = best_arch
+    config["supernet"] = False  # the final model holds only the chosen adapter of each layer
+    getLogger().info(set_color("adapter_arch", "yellow") + f": {describe_arch(best_arch)}")
+    paths = search_paths(config, str(config["search"]).lower())
+    return {
+        "adapter_arch": best_arch,
+        "search": {
+            "method": str(config["search"]).lower(),
+            "n_trials": len(result.trials),
+            # run_search maximises: a smaller-is-better metric was negated.
+            "supernet_valid_score": result.best_value if config["valid_metric_bigger"] else -result.best_value,
+            "seconds": time.perf_counter() - start,
+            "trial_log": str(paths.trial_log),
+            "best_arch_file": str(paths.best_arch),
+            "plot": str(paths.plot),
+            "supernet": str(paths.supernet),
+        },
+    }
+
+
 def run_darec(
     model: str | None = None,
     dataset: str | None = None,
@@ -51,6 +81,7 @@ def run_darec(
 
     dataset_obj, train_data, valid_data, test_data = load_data(config)
     logger.info(dataset_obj)
+    searched = _search_if_asked(config, train_data, valid_data)  # --search=bo|random: sets adapter_arch
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
@@ -83,4 +114,35 @@ def run_darec(
         "n_test_rows": len(test_data._dataset),
         "trainable_parameters": sum(p.numel() for p in model_obj.parameters() if p.requires_grad),
         "saved_model_file": getattr(trainer, "saved_model_file", None) if saved else None,
+        **searched,
     }
+
+
+def objective_function(
+    config_dict: dict | None = None,
+    config_file_list: list[str] | None = None,
+    saved: bool = True,
+    model: str | None = None,
+    dataset: str | None = None,
+) -> dict:
+    """The objective of RecBole's ``HyperTuning``: one harness run with ``config_dict`` (the trial's parameters).
+
+    ``recbole.quick_start.objective_function`` cannot be used: importing recbole.quick_start imports ray, which
+    does not import on this stack (compat.py), and it builds RecBole's Config, not ours. ``model`` and ``dataset``
+    default to --model / --dataset from the command line, as in RecBole's run_hyper.py.
+    """
+    import logging
+
+    root = logging.getLogger()
+    handlers_before = list(root.handlers)
+    try:
+        result = run_darec(model, dataset, config_file_list, config_dict, saved=saved)
+    finally:
+        # init_logger attaches a console and a file handler for the run; without removing them the next trial's
+        # init_logger is a no-op (basicConfig) and every trial would log into the first trial's file.
+        for handler in root.handlers[:]:
+            if handler not in handlers_before:
+                root.removeHandler(handler)
+                handler.close()
+    keys = ("model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result")
+    return {key: result[key] for key in keys}

@@ -141,8 +141,10 @@ class DARec(SequentialRecommender):
         return result
 
     def train(self, mode: bool = True):
-        if mode:
-            self._eval_item_vectors = None  # the weights will change: the next evaluation re-encodes every item
+        # Every switch (RecBole's evaluate() calls eval() once) drops the item vectors: the next evaluation
+        # re-encodes every item once. Dropping them only on train(True) kept stale vectors when the weights or the
+        # architecture changed between two evaluations without a training step (set_architecture in the search).
+        self._eval_item_vectors = None
         return super().train(mode)
 
     # ----- the LLM pass ---------------------------------------------------------------------------------------
@@ -222,6 +224,13 @@ class DARec(SequentialRecommender):
         arch = torch.randint(0, 2, (self.n_llm_layers,)).tolist()
         set_architecture(self.adapters, arch)
         return arch
+
+    def set_adapter_arch(self, arch: list[int]) -> None:
+        """Fix the supernet's serial/parallel choice per layer (architecture search: score one candidate)."""
+        set_architecture(self.adapters, arch)
+        # Cached item states/vectors were computed under the previous architecture.
+        self._eval_item_vectors = None
+        self.item_state_cache = None
 
     def calculate_loss(self, interaction):
         if self.supernet:

@@ -1,7 +1,8 @@
 """Dynamic-adaption architecture search: Bayesian optimisation over per-layer serial/parallel adapters.
 
 `run_search` drives a search against any objective callable on 0/1 layer vectors; trials go to a resumable
-JSON-lines `TrialLog`.
+JSON-lines `TrialLog`. `search_architecture` runs it on DARec: a weight-sharing supernet (`Supernet`) scores each
+candidate by one validation pass (supernet.py).
 """
 
 from recbole_darec.search.bo import (
@@ -17,15 +18,28 @@ from recbole_darec.search.bo import (
     run_search,
     trial_seed,
 )
+from recbole_darec.search.supernet import (
+    SearchPaths,
+    Supernet,
+    build_supernet,
+    describe_arch,
+    search_architecture,
+    search_paths,
+    supernet_config,
+)
 from recbole_darec.search.trial_log import Trial, TrialLog, arch_to_str, str_to_arch
 
 __all__ = [
+    "SearchPaths",
     "SearchResult",
+    "Supernet",
     "Trial",
     "TrialLog",
     "all_binary",
     "arch_to_str",
     "best_trial",
+    "build_supernet",
+    "describe_arch",
     "fit_gp",
     "make_acqf",
     "optimize_acqf_exhaustive",
@@ -33,6 +47,9 @@ __all__ = [
     "plot_search",
     "propose_bo",
     "run_search",
+    "search_architecture",
+    "search_paths",
     "str_to_arch",
+    "supernet_config",
     "trial_seed",
 ]

@@ -1,0 +1,254 @@
+"""Architecture search on DARec end to end: supernet, candidate scoring, --search=bo|random, resume, run_hyper.
+
+Real runs on the tiny fixture with a 3-layer random Llama backbone (byte tokenizer, offline), one supernet epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_DATASET, assert_protocol_metrics
+from recbole.utils import init_seed
+
+from recbole_darec import compat, trainer
+from recbole_darec.config import Config
+from recbole_darec.hyper import hyper_tune
+from recbole_darec.model.adapters import get_architecture
+from recbole_darec.quick_start import load_data, run_darec
+from recbole_darec.search import (
+    Supernet,
+    TrialLog,
+    arch_to_str,
+    build_supernet,
+    describe_arch,
+    search_architecture,
+    search_paths,
+    str_to_arch,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+N_LAYERS = 3
+
+
+def darec_config(tiny_dataset, fast_config, tmp_path: Path, **overrides) -> dict:
+    return {
+        **fast_config,
+        "data_path": tiny_dataset[0],
+        "llm_path": "random:llama",
+        "llm_random_config": {"hidden_size": 32, "num_hidden_layers": N_LAYERS, "num_attention_heads": 2, "ffn": 64},
+        "item_max_tokens": 8,
+        "item_text_cache_dir": str(tmp_path / "item_text"),
+        "adapter_size": 8,
+        "rec_dim": 32,
+        "search_epochs": 1,
+        "search_n_init": 2,
+        "search_n_iter": 2,
+        **overrides,
+    }
+
+
+def load(config_dict: dict):
+    config = Config(model="DARec", dataset=TINY_DATASET, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    _, train_data, valid_data, _ = load_data(config)
+    return config, train_data, valid_data
+
+
+# ---------------------------------------------------------------- supernet
+
+
+def test_supernet_samples_an_architecture_per_batch(isolated_run, tiny_dataset, fast_config):
+    config, train_data, _ = load(darec_config(tiny_dataset, fast_config, isolated_run))
+    supernet = build_supernet(config, train_data, isolated_run / "supernet.pth")
+    model = supernet.model
+    assert model.supernet and len(model.adapters) == N_LAYERS
+    ran: list[tuple[int, str]] = []
+    for index, layer in enumerate(model.adapters):
+        for sublayer in (layer.attention, layer.ffn):
+            for kind in ("serial", "parallel"):
+                getattr(sublayer, kind).register_forward_hook(
+                    lambda module, args, output, index=index, kind=kind: ran.append((index, kind))
+                )
+
+    batch = next(iter(train_data))
+    torch.manual_seed(0)
+    archs = []
+    for _ in range(8):
+        ran.clear()
+        with torch.no_grad():
+            model.calculate_loss(batch)
+        arch = get_architecture(model.adapters)
+        archs.append(arch_to_str(arch))
+        # Every forward pass of the batch (sequences and items) ran exactly the sampled adapter of each layer.
+        for index in range(N_LAYERS):
+            assert {kind for i, kind in ran if i == index} == {("serial", "parallel")[arch[index]]}
+    assert len(set(archs)) > 1, archs
+    for index in range(N_LAYERS):
+        assert {arch[index] for arch in archs} == {"s", "p"}, archs
+    # The run's own config is untouched: the final model must not be a supernet.
+    assert supernet.trainer.config["supernet"] is True and not config["supernet"]
+
+
+def test_fixed_architecture_is_deterministic_and_refreshes_item_vectors(
+    isolated_run, tiny_dataset, fast_config, caplog
+):
+    config, train_data, valid_data = load(darec_config(tiny_dataset, fast_config, isolated_run))
+    supernet = build_supernet(config, train_data, isolated_run / "supernet.pth")
+    supernet.ensure_trained()
+    assert (isolated_run / "supernet.pth").is_file()
+    model = supernet.model
+    serial, parallel = [0] * N_LAYERS, [1] * N_LAYERS
+
+    first = supernet.score(serial, valid_data)
+    assert first == supernet.score(serial, valid_data)
+    assert get_architecture(model.adapters) == serial
+
+    # After training both adapters are non-zero, so the architecture changes every item vector; the per-evaluation
+    # cache must follow the architecture, not survive it.
+    model.eval()
+    model.set_adapter_arch(serial)
+    vectors_serial = model._all_item_vectors().clone()
+    model.set_adapter_arch(parallel)
+    vectors_parallel = model._all_item_vectors().clone()
+    assert not torch.allclose(vectors_serial, vectors_parallel)
+    model._eval_item_vectors = None
+    assert torch.equal(vectors_parallel, model._all_item_vectors())
+
+    supernet.score(parallel, valid_data)
+    assert supernet.score(serial, valid_data) == first
+
+    # A finished checkpoint is loaded, not retrained, by the next search; one trained with other settings is
+    # reused with a warning that names them.
+    config["lambda_hard"] = 0.5
+    again = build_supernet(config, train_data, isolated_run / "supernet.pth")
+    with caplog.at_level("WARNING"):
+        again.ensure_trained()
+    assert "lambda_hard: 0.1 -> 0.5" in caplog.text
+    assert again.score(serial, valid_data) == first
+
+
+# ---------------------------------------------------------------- search end to end
+
+
+def test_search_bo_end_to_end_trains_the_best_architecture(isolated_run, tiny_dataset, fast_config):
+    config_dict = darec_config(tiny_dataset, fast_config, isolated_run, search="bo")
+    result = run_darec(model="DARec", dataset=TINY_DATASET, config_dict=config_dict)
+
+    paths = search_paths({**config_dict, "model": "DARec", "dataset": TINY_DATASET}, "bo")
+    trials = TrialLog(paths.trial_log).read()
+    assert len(trials) == 4 and [t.method for t in trials] == ["random", "random", "bo", "bo"]
+    assert len({t.arch for t in trials}) == 4
+    best = paths.best_arch.read_text().strip()
+    assert best == max(trials, key=lambda t: t.value).arch == result["adapter_arch"]
+    assert paths.plot.is_file() and paths.supernet.is_file()
+    assert result["search"]["n_trials"] == 4 and result["search"]["method"] == "bo"
+    assert describe_arch("sp") == "layer 0: serial, layer 1: parallel (sp)"
+
+    assert_protocol_metrics(result["best_valid_result"])
+    assert_protocol_metrics(result["test_result"])
+    # The final model is saved with its architecture: in the pickled config, and as its adapters' weights.
+    checkpoint = compat.load_trusted_checkpoint(result["saved_model_file"])
+    assert checkpoint["config"]["adapter_arch"] == best and not checkpoint["config"]["supernet"]
+    adapter_keys = [key for key in checkpoint["state_dict"] if key.startswith("adapters.")]
+    for index, choice in enumerate(str_to_arch(best)):
+        kept, dropped = ("serial", "parallel")[choice], ("serial", "parallel")[1 - choice]
+        assert any(key.startswith(f"adapters.{index}.attention.{kept}.") for key in adapter_keys)
+        assert not any(key.startswith(f"adapters.{index}.") and f".{dropped}." in key for key in adapter_keys)
+    supernet_checkpoint = compat.load_trusted_checkpoint(paths.supernet)
+    assert supernet_checkpoint["config"]["supernet"] is True and supernet_checkpoint["epoch"] == 0
+
+
+def test_search_resumes_its_trial_log_and_reuses_the_supernet(isolated_run, tiny_dataset, fast_config, monkeypatch):
+    scored: list[str] = []
+    score = Supernet.score
+    monkeypatch.setattr(
+        Supernet, "score", lambda self, arch, data: scored.append(arch_to_str(arch)) or score(self, arch, data)
+    )
+    resumed: list[str] = []
+    resume = trainer.Trainer.resume_checkpoint
+    monkeypatch.setattr(
+        trainer.Trainer, "resume_checkpoint", lambda self, path: resumed.append(path) or resume(self, path)
+    )
+
+    # A search stopped after 2 trials (budget 2 + 0), with a supernet trained 1 of 2 epochs...
+    config, train_data, valid_data = load(darec_config(tiny_dataset, fast_config, isolated_run, search_n_iter=0))
+    first_best, _ = search_architecture(config, "random", train_data, valid_data)
+    paths = search_paths(config, "random")
+    logged = paths.trial_log.read_text().splitlines()
+    assert len(logged) == 2 and len(scored) == 2 and not resumed
+
+    # ... continued with the full budget: the supernet training resumes at epoch 2, the log at trial 3.
+    scored.clear()
+    config["search_n_iter"], config["search_epochs"] = 2, 2
+    best, result = search_architecture(config, "random", train_data, valid_data)
+    assert resumed == [str(paths.supernet)]
+    assert compat.load_trusted_checkpoint(paths.supernet)["epoch"] == 1
+    assert paths.trial_log.read_text().splitlines()[:2] == logged
+    assert len(result.trials) == 4 and len(scored) == 2
+    assert scored == [t.arch for t in result.trials[2:]] and not set(scored) & {t.arch for t in result.trials[:2]}
+    assert paths.best_arch.read_text().strip() == best
+
+    # A complete log: nothing is trained or scored again.
+    scored.clear()
+    assert search_architecture(config, "random", train_data, valid_data)[0] == best and not scored
+
+
+def test_search_flag_comes_from_the_command_line(isolated_run, tiny_dataset, fast_config, monkeypatch):
+    # RecBole's Config eval()s command-line values: "random" must stay a string, not become a module.
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "--search=random"])
+    config = Config(
+        model="DARec", dataset=TINY_DATASET, config_dict=darec_config(tiny_dataset, fast_config, isolated_run)
+    )
+    assert config["search"] == "random"
+    with pytest.raises(ValueError, match="--search=grid"):
+        search_architecture(config, "grid")
+
+
+# ---------------------------------------------------------------- run_hyper
+
+
+def test_run_hyper_completes_two_trials(isolated_run, tiny_dataset, fast_config):
+    output = isolated_run / "hyper.result"
+    tuner = hyper_tune(
+        str(ROOT / "hyper" / "darec.hyper"),
+        model="DARec",
+        dataset=TINY_DATASET,
+        config_dict=darec_config(tiny_dataset, fast_config, isolated_run, adapter_arch="s"),
+        algo="bayes",
+        max_evals=2,
+        output_file=str(output),
+    )
+    assert len(tuner.params_list) == 2
+    assert set(tuner.best_params) == {"learning_rate", "adapter_size", "lambda_align", "lambda_hard"}
+    best = tuner.params2result[tuner.params2str(tuner.best_params)]
+    assert best["model"] == "DARec" and best["valid_score_bigger"] is True
+    assert_protocol_metrics(best["test_result"])
+    assert output.read_text().count("Test result:") == 2
+
+
+def test_exhaustive_hyper_tuning_works_with_hyperopt_03(tmp_path):
+    compat.fix_recbole_hyper_tuning()
+    from recbole.trainer import HyperTuning
+
+    params = tmp_path / "grid.hyper"
+    params.write_text("adapter_size choice [8,16]\nlambda_hard choice [0.0,0.1]\n")
+    seen = []
+
+    def objective(config_dict, config_file_list):
+        seen.append((config_dict["adapter_size"], config_dict["lambda_hard"]))
+        score = config_dict["adapter_size"] + config_dict["lambda_hard"]
+        return {
+            "model": "X",
+            "best_valid_score": score,
+            "valid_score_bigger": True,
+            "best_valid_result": {},
+            "test_result": {},
+        }
+
+    tuner = HyperTuning(objective, algo="exhaustive", params_file=str(params))
+    tuner.run()
+    assert sorted(seen) == [(8, 0.0), (8, 0.1), (16, 0.0), (16, 0.1)]
+    assert tuner.best_params == {"adapter_size": 16, "lambda_hard": 0.1}
