@@ -19,9 +19,9 @@ class Config(RecBoleConfig):
     """RecBole's Config, with ``properties/`` of this plugin layered over RecBole's own defaults.
 
     Precedence (low to high): RecBole's yaml < ``properties/overall.yaml`` < ``properties/sequential.yaml``
-    (sequential models only) < RecBole's ``model/<Model>.yaml`` < ``properties/model/<Model>.yaml`` <
-    ``properties/dataset/<dataset>.yaml`` < config files < config_dict < command line. Models are looked up in
-    ``recbole_darec`` first, then RecBole.
+    (sequential models only) < RecBole's ``model/<Model>.yaml`` < ``properties/model/<Base>.yaml`` (the plugin
+    model's base classes) < ``properties/model/<Model>.yaml`` < ``properties/dataset/<dataset>.yaml`` < config
+    files < config_dict < command line. Models are looked up in ``recbole_darec`` first, then RecBole.
     """
 
     def _get_model_and_dataset(self, model, dataset):
@@ -47,7 +47,11 @@ class Config(RecBoleConfig):
         # RecBole's own model yaml again, above our protocol defaults: a model's fixed choices (FPMC's
         # loss_type: BPR) must not be overwritten by sequential.yaml's loss_type: CE.
         layers.append(RECBOLE_PROPERTIES_DIR / "model" / f"{model}.yaml")
-        layers += [PROPERTIES_DIR / "model" / f"{model}.yaml", PROPERTIES_DIR / "dataset" / f"{dataset}.yaml"]
+        # A plugin model's base classes' yamls first (DARecbase.yaml only overrides DARec.yaml's few settings).
+        bases = [cls.__name__ for cls in reversed(model_class.__mro__[1:])
+                 if cls.__module__.startswith("recbole_darec")]
+        layers += [PROPERTIES_DIR / "model" / f"{name}.yaml" for name in (*bases, model)]
+        layers.append(PROPERTIES_DIR / "dataset" / f"{dataset}.yaml")
         for file in layers:
             if file.is_file():
                 loaded = self._update_internal_config_dict(str(file))

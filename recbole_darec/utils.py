@@ -6,25 +6,39 @@ import importlib
 import importlib.util  # `import importlib` alone does not guarantee the util submodule is loaded
 
 from recbole.utils import ModelType
-from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
+
+RECBOLE_MODEL_PACKAGES = (
+    "recbole.model.general_recommender",
+    "recbole.model.context_aware_recommender",
+    "recbole.model.sequential_recommender",
+    "recbole.model.knowledge_aware_recommender",
+    "recbole.model.exlib_recommender",
+)
 
 
 def get_model(model_name: str) -> type:
     """Return the model class called ``model_name`` from ``recbole_darec.model``, else from RecBole."""
-    module_path = f"recbole_darec.model.{model_name.lower()}"
-    if importlib.util.find_spec(module_path) is not None:
-        module = importlib.import_module(module_path)
-        if hasattr(module, model_name):
-            return getattr(module, model_name)
-    try:
-        return recbole_get_model(model_name)
-    except (ValueError, AttributeError):  # AttributeError: the module exists but the case differs (sasrec)
-        raise ValueError(
-            f"Unknown model '{model_name}': looked in recbole_darec.model ({module_path}) and in RecBole's "
-            "recbole.model.{general,context_aware,sequential,knowledge_aware,exlib}_recommender. "
-            "Check the spelling (names are case-sensitive, e.g. SASRec, DARec)."
-        ) from None
+    module_name = model_name.lower()
+    searched = [f"recbole_darec.model.{module_name}", *(f"{pkg}.{module_name}" for pkg in RECBOLE_MODEL_PACKAGES)]
+    unimportable = []
+    # Not recbole.utils.get_model: for an unknown name it ends in exlib_recommender, whose package imports
+    # xgboost and lightgbm (optional), so a typo surfaced as "No module named 'lightgbm'".
+    for module_path in searched:
+        try:
+            spec = importlib.util.find_spec(module_path)
+        except ModuleNotFoundError as exc:  # the parent package needs an optional dependency
+            unimportable.append(f"{module_path.rpartition('.')[0]} ({exc})")
+            continue
+        if spec is not None:
+            module = importlib.import_module(module_path)
+            if hasattr(module, model_name):
+                return getattr(module, model_name)
+    hint = f" Could not import {', '.join(unimportable)}." if unimportable else ""
+    raise ValueError(
+        f"Unknown model '{model_name}': looked in {', '.join(searched)}.{hint} "
+        "Check the spelling (names are case-sensitive, e.g. SASRec, DARec)."
+    )
 
 
 def get_trainer(model_type: ModelType, model_name: str) -> type:

@@ -157,6 +157,14 @@ def _load_pretrained(llm_path: str, attn_implementation: str) -> tuple[nn.Module
         source, gguf_file = str(folder), _EMBEDDED_GGUF
     else:
         source = os.path.expanduser(llm_path)
+        looks_like_path = os.path.isabs(source) or llm_path.startswith((".", "~")) or llm_path.count("/") > 1
+        if looks_like_path and not os.path.exists(source):
+            # Not a hub id: without this, transformers answered "Repo id must be in the form 'namespace/repo_name'".
+            raise BackboneNotFoundError(
+                f"llm_path='{llm_path}': no such folder (tried {os.path.abspath(source)}). Give a local folder with a "
+                "transformers model (config.json + weights, or a .gguf file), a hub id on a machine that can reach "
+                f"the hub, or llm_path={EMBEDDED_BACKBONE} for the packaged offline model."
+            )
         if os.path.isdir(source) and not any(Path(source).glob("*.safetensors")) and not any(
             Path(source).glob("*.bin")
         ):

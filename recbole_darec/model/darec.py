@@ -109,6 +109,8 @@ class DARec(SequentialRecommender):
         self.register_buffer("hard_negatives", torch.zeros(self.n_items, max(self.n_hard_negatives, 1),
                                                             dtype=torch.long))
         self.register_buffer("hard_negatives_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("state_mean", torch.zeros(hidden_size))
+        self.register_buffer("state_std", torch.ones(hidden_size))
         self.item_state_cache: torch.Tensor | None = None  # (n_items, hidden) detached, refreshed in training
         self._steps_since_refresh = 0
         self._eval_item_vectors: torch.Tensor | None = None  # (n_items, rec_dim), built once per evaluation
@@ -143,7 +145,8 @@ class DARec(SequentialRecommender):
     def train(self, mode: bool = True):
         # Every switch (RecBole's evaluate() calls eval() once) drops the item vectors: the next evaluation
         # re-encodes every item once. Dropping them only on train(True) kept stale vectors when the weights or the
-        # architecture changed between two evaluations without a training step (set_architecture in the search).
+        # architecture changed between two evaluations without a training step (weights edited in place,
+        # adapters.set_architecture called directly instead of set_adapter_arch).
         self._eval_item_vectors = None
         return super().train(mode)
 
@@ -189,11 +192,19 @@ class DARec(SequentialRecommender):
         items = torch.arange(self.n_items, device=self.item_token_ids.device)
         states = torch.cat([self.encode_items(chunk)[0] for chunk in items.split(self.item_encode_batch_size)])
         super().train(was_training)
+        # A pretrained LM's states share one large direction (SmolLM2, 2 layers: mean cosine 0.98 between item
+        # states), which swamps cosine scores. Standardise every state with the item statistics (diagonal
+        # whitening), refreshed whenever all items are encoded.
+        self.state_mean.copy_(states[1:].mean(0))
+        self.state_std.copy_(states[1:].std(0).clamp_min(1e-4))
         return states
+
+    def standardize(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.state_mean) / self.state_std
 
     # ----- scores -------------------------------------------------------------------------------------------
     def item_vectors(self, item_states: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        vectors = self.item_proj(item_states)
+        vectors = self.item_proj(self.standardize(item_states))
         if self.use_item_id:
             vectors = vectors + self.item_id_embedding(item_ids)
         return vectors
@@ -244,12 +255,12 @@ class DARec(SequentialRecommender):
         full_seq[torch.arange(len(item_len)), item_len] = target
         full_len = item_len + 1
 
+        self._refresh_item_cache_if_due()
         states = self.encode_sequences(full_seq, full_len, users)  # (B, L+1, H)
         has_next = torch.arange(full_seq.shape[1] - 1, device=full_seq.device)[None, :] < item_len[:, None]
-        user_vecs = self.user_proj(states[:, :-1][has_next])  # (P, D): state after item k ...
+        user_vecs = self.user_proj(self.standardize(states[:, :-1][has_next]))  # (P, D): state after item k ...
         next_items = full_seq[:, 1:][has_next]  # (P,) ... predicts item k+1
 
-        self._refresh_item_cache_if_due()
         batch_items = torch.unique(next_items)
         fresh_states, align_states = self.encode_items(batch_items)
         item_states = self.item_state_cache.index_copy(0, batch_items, fresh_states)  # fresh rows carry gradient
@@ -261,7 +272,7 @@ class DARec(SequentialRecommender):
         losses = [F.cross_entropy(logits, next_items)]
         if self.lambda_align > 0:
             # [ALIGN] state of an item's text vs. its ID embedding: the text and ID spaces describe the same item.
-            aligned = self.item_proj(align_states)
+            aligned = self.item_proj(self.standardize(align_states))
             losses.append(self.lambda_align * info_nce(aligned, self.item_id_embedding(batch_items), self.temperature))
         if self.lambda_hard > 0:
             negatives = item_vecs[self.hard_negatives[next_items]]  # (P, K, D)
@@ -278,7 +289,7 @@ class DARec(SequentialRecommender):
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         states = self.encode_sequences(item_seq, item_len, users)
         last = states[torch.arange(len(item_len)), item_len - 1]  # state after the last item of the history
-        return self.user_proj(last)
+        return self.user_proj(self.standardize(last))
 
     def _all_item_vectors(self) -> torch.Tensor:
         if self._eval_item_vectors is None or self.training:
@@ -287,11 +298,12 @@ class DARec(SequentialRecommender):
         return self._eval_item_vectors
 
     def predict(self, interaction):
-        users = self._user_vectors(interaction)
         items = self._all_item_vectors()[interaction[self.ITEM_ID]]
+        users = self._user_vectors(interaction)
         if self.normalize_scores:
             return (F.normalize(users, dim=-1) * F.normalize(items, dim=-1)).sum(-1) / self.temperature
         return (users * items).sum(-1)
 
     def full_sort_predict(self, interaction):
-        return self.score(self._user_vectors(interaction), self._all_item_vectors())  # (B, n_items)
+        item_vecs = self._all_item_vectors()  # first: encoding all items refreshes the state statistics
+        return self.score(self._user_vectors(interaction), item_vecs)  # (B, n_items)

@@ -37,7 +37,9 @@ def cooccurrence_matrix(sequences: torch.Tensor, lengths: torch.Tensor, n_items:
 def mine_hard_negatives(text_vectors: torch.Tensor, cooccurrence: sp.csr_matrix, n_negatives: int,
                         chunk_size: int = 1024) -> torch.Tensor:
     """For every item, the ``n_negatives`` items nearest by text vector (cosine) that never co-occur with it in a
-    training sequence. Row 0 (padding) and the item itself are never chosen. Returns (n_items, n_negatives)."""
+    training sequence. Row 0 (padding) and the item itself are never chosen. An item that co-occurs with almost
+    every other item has fewer such candidates than ``n_negatives``: its list is filled up with the nearest
+    co-occurring items. Returns (n_items, n_negatives)."""
     n_items = len(text_vectors)
     if n_negatives >= n_items - 1:
         raise ValueError(f"hard_negatives={n_negatives} must be smaller than the number of items ({n_items - 1})")
@@ -47,7 +49,9 @@ def mine_hard_negatives(text_vectors: torch.Tensor, cooccurrence: sp.csr_matrix,
         stop = min(start + chunk_size, n_items)
         sims = vectors[start:stop] @ vectors.T  # (chunk, n_items)
         together = torch.from_numpy(cooccurrence[start:stop].toarray() > 0)
-        sims.masked_fill_(together, float("-inf"))
+        # Co-occurring items rank below every other candidate (cosines lie in [-1, 1]) but stay finite: with -inf,
+        # topk filled a short list with arbitrary -inf entries, padding and the item itself included.
+        sims = torch.where(together, sims - 3.0, sims)
         sims[:, 0] = float("-inf")
         sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
         negatives[start:stop] = sims.topk(n_negatives, dim=1).indices
