@@ -41,6 +41,28 @@ def load_trusted_checkpoint(path: str, map_location=None) -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+_anomaly_detection_undone = False
+
+
+def undo_recbole_anomaly_detection() -> None:
+    """Switch off the autograd anomaly detection that importing RecBole's sequential models switches on.
+
+    ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` at import
+    time, and ``recbole.model.sequential_recommender`` imports it, so every model trained after any sequential
+    model was looked up records a stack trace per op and checks every backward for NaN (slower, and a NaN
+    aborts training). Called by ``recbole_darec.utils.get_model``; acts once, so a user's own later
+    ``set_detect_anomaly(True)`` stays in force.
+    """
+    global _anomaly_detection_undone
+    import sys
+
+    if not _anomaly_detection_undone and "recbole.model.sequential_recommender.sine" in sys.modules:
+        import torch
+
+        torch.autograd.set_detect_anomaly(False)
+        _anomaly_detection_undone = True
+
+
 def fix_recbole_hyper_tuning() -> None:
     """Make ``recbole.trainer.HyperTuning`` work with hyperopt 0.3 and numpy 2 (idempotent; call before use)."""
     import types

@@ -22,9 +22,34 @@ def load_data(config: Config):
         # RecBole has already joined data_path and the dataset name; the preparer wants the parent folder.
         data_root = os.path.dirname(os.path.normpath(config["data_path"]))
         ensure_dataset(config["dataset"], data_root, raw_dir=config["raw_dir"], url_base=config["raw_url_base"])
+    check_dataset_files(config)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of an error caused by the user's input (settings, files, checkpoints), or None for a
+    bug, whose traceback should be shown. The scripts print the message instead of a traceback."""
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return f"error: {exc}"
+    if isinstance(exc, RuntimeError) and "checkpoint" in str(exc):  # DARec.load_state_dict: settings differ
+        return f"error: {exc}"
+    return None
+
+
+def check_dataset_files(config: Config) -> None:
+    """Fail early, naming the file, when ``<data_path>/<dataset>.inter`` is missing: RecBole's own error for a
+    missing dataset is a download prompt or an unrelated KeyError deep in its loader."""
+    data_path = config["data_path"]  # RecBole has already joined data_path and the dataset name
+    inter_file = os.path.join(data_path, f"{config['dataset']}.inter")
+    if os.path.isfile(inter_file):
+        return
+    what = "file" if os.path.isdir(data_path) else "dataset folder"
+    raise FileNotFoundError(
+        f"{what} not found: {inter_file if what == 'file' else data_path} (dataset '{config['dataset']}'); put the "
+        f"RecBole atomic files <dataset>.inter (and .item) there or set --data_path; see dataset/README.md."
+    )
 
 
 def _plain(result) -> dict:

@@ -8,6 +8,8 @@ import importlib.util  # `import importlib` alone does not guarantee the util su
 from recbole.utils import ModelType
 from recbole.utils import get_trainer as recbole_get_trainer
 
+from recbole_darec.compat import undo_recbole_anomaly_detection
+
 RECBOLE_MODEL_PACKAGES = (
     "recbole.model.general_recommender",
     "recbole.model.context_aware_recommender",
@@ -19,6 +21,15 @@ RECBOLE_MODEL_PACKAGES = (
 
 def get_model(model_name: str) -> type:
     """Return the model class called ``model_name`` from ``recbole_darec.model``, else from RecBole."""
+    try:
+        return _find_model(model_name)
+    finally:
+        # The lookup may have imported recbole.model.sequential_recommender, whose sine.py turns anomaly
+        # detection on for the whole process.
+        undo_recbole_anomaly_detection()
+
+
+def _find_model(model_name: str) -> type:
     module_name = model_name.lower()
     searched = [f"recbole_darec.model.{module_name}", *(f"{pkg}.{module_name}" for pkg in RECBOLE_MODEL_PACKAGES)]
     unimportable = []

