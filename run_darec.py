@@ -8,11 +8,14 @@ Flags are RecBole's: --model, --dataset, --config_files="a.yaml b.yaml", and any
 """
 
 import argparse
+import os
+import sys
 
 import recbole_darec  # noqa: F401  (compat first)
-from recbole_darec.quick_start import run_darec
+from recbole_darec.quick_start import run_darec, user_error_message
 
-if __name__ == "__main__":
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "-m", type=str, default="DARec", help="model name (ours or RecBole's)")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
@@ -27,3 +30,16 @@ if __name__ == "__main__":
         from recbole_darec.search import describe_arch
 
         print(f"adapter_arch ({result['search']['method']} search): {describe_arch(result['adapter_arch'])}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:
+        message = user_error_message(exc)
+        # Bad settings, files or checkpoints: one line that says what and how to fix it, not a traceback.
+        # RECBOLE_DAREC_TRACEBACK=1 shows the traceback anyway.
+        if message is None or os.environ.get("RECBOLE_DAREC_TRACEBACK"):
+            raise
+        print(message, file=sys.stderr)
+        sys.exit(2)

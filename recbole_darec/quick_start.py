@@ -23,6 +23,7 @@ def load_data(config: Config):
         data_root = os.path.dirname(os.path.normpath(config["data_path"]))
         ensure_dataset(config["dataset"], data_root, raw_dir=config["raw_dir"], url_base=config["raw_url_base"])
     check_dataset_files(config)
+    check_positive_settings(config)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
@@ -36,6 +37,16 @@ def user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and "checkpoint" in str(exc):  # DARec.load_state_dict: settings differ
         return f"error: {exc}"
     return None
+
+
+def check_positive_settings(config: Config) -> None:
+    """Batch sizes and the learning rate must be positive; torch's own error for a zero batch size names no
+    setting (it is raised while the data loaders are built, before any model could check it)."""
+    for key in ("train_batch_size", "eval_batch_size", "learning_rate"):
+        value = config[key]
+        if value is not None and value <= 0:
+            raise ValueError(f"{key}={value}: must be positive (set it in a config file, properties/, or with "
+                             f"--{key}=...).")
 
 
 def check_dataset_files(config: Config) -> None:
@@ -100,6 +111,8 @@ def run_darec(
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
+    # RecBole's init_logger checks for ./log/<model> and then creates it: processes of a distributed run race there.
+    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)
     init_logger(config)
     logger = getLogger()
     logger.info(config)

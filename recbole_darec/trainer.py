@@ -42,7 +42,24 @@ class Trainer(RecBoleTrainer):
     """
 
     def __init__(self, config, model):
-        super().__init__(config, model)
+        distributed = not config["single_spec"]
+        if distributed and config["device"].type == "cpu":
+            # RecBole wraps the model in DDP with device_ids=[local_rank], which DDP refuses for a CPU module
+            # (gloo runs, Config._init_device): build RecBole's trainer as single-process, then wrap it ourselves.
+            config["single_spec"] = True
+            try:
+                super().__init__(config, model)
+            finally:
+                config["single_spec"] = False
+            self.distributed_model = torch.nn.parallel.DistributedDataParallel(self.model)
+        else:
+            super().__init__(config, model)
+        if distributed:
+            # RecBole names the checkpoint after each process's clock; rank 0 writes it and every rank loads it for
+            # the test evaluation, so all ranks take rank 0's name.
+            names = [self.saved_model_file]
+            torch.distributed.broadcast_object_list(names, src=0)
+            self.saved_model_file = names[0]
         self._train_data = None  # set by fit(): its shuffling generator is part of the resume state
         self._valid_data = None
         self._pending_generator_state: torch.Tensor | None = None  # from resume_checkpoint, applied in fit()
@@ -61,6 +78,12 @@ class Trainer(RecBoleTrainer):
         if self._pending_generator_state is not None and getattr(train_data, "generator", None) is not None:
             train_data.generator.set_state(self._pending_generator_state)
         self._pending_generator_state = None
+        if self.start_epoch > 0 and (self.start_epoch >= self.epochs or self.cur_step > self.stopping_step):
+            # Resumed from a run that had already finished (all epochs, or early stopping fired: RecBole stops
+            # once cur_step > stopping_step). RecBole's fit would save the loaded weights over the best-model file
+            # here; those are the last epoch's weights when resuming from a -last file, not the best.
+            self.logger.info(f"Training had already finished after epoch {self.start_epoch - 1}: nothing to resume.")
+            return self.best_valid_score, self.best_valid_result
 
         def end_of_validated_epoch(epoch_idx, valid_score):
             # RecBole calls this after early stopping and best_valid_result are updated: the epoch is complete.
@@ -71,10 +94,13 @@ class Trainer(RecBoleTrainer):
 
         self._save_last = saved
         try:
-            return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                               callback_fn=end_of_validated_epoch)
+            result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                                 callback_fn=end_of_validated_epoch)
         finally:
             self._train_data = self._valid_data = None
+        if not self.config["single_spec"]:
+            torch.distributed.barrier()  # rank 0 has written the best checkpoint before any rank loads it
+        return result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)

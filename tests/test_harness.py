@@ -130,8 +130,9 @@ def test_run_darec_script_prints_valid_and_test_metrics(tmp_path, tiny_dataset):
     assert set(printed) == {"best valid", "test result"}, proc.stdout
     assert_protocol_metrics(printed["best valid"])
     assert_protocol_metrics(printed["test result"])
-    # --epochs=1 reached RecBole's Config from the command line: one checkpoint, written once.
-    assert len(checkpoint_files(tmp_path / "saved")) == 1
+    # --epochs=1 reached RecBole's Config from the command line: one best-model checkpoint and its resume file.
+    files = checkpoint_files(tmp_path / "saved")
+    assert len(files) == 2 and sum(name.endswith("-last.pth") for name in files) == 1, files
 
 
 # ---------------------------------------------------------------- model and trainer lookup
@@ -230,7 +231,9 @@ def test_best_checkpoint_saved_by_fit_is_loaded_by_evaluate(isolated_run, tiny_d
     best_score, _ = trainer_obj.fit(train_data, valid_data, saved=True, show_progress=False)
 
     folder = Path(fast_config["checkpoint_dir"])
-    assert checkpoint_files(folder) == [os.path.basename(trainer_obj.saved_model_file)]  # complete, no temp files
+    best = os.path.basename(trainer_obj.saved_model_file)
+    last = os.path.basename(trainer_obj.last_checkpoint_file)  # the resume checkpoint (issue 8)
+    assert checkpoint_files(folder) == sorted([best, last])  # complete, no temp files
     checkpoint = compat.load_trusted_checkpoint(trainer_obj.saved_model_file)
     assert {"config", "epoch", "cur_step", "best_valid_score", "state_dict", "other_parameter", "optimizer"} <= set(
         checkpoint

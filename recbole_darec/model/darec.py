@@ -142,6 +142,18 @@ class DARec(SequentialRecommender):
         self._eval_item_vectors = None
         return result
 
+    def training_state(self) -> dict:
+        """What the next training step reads besides the state dict: the item-state cache and its step counter.
+        The trainer's resume checkpoint stores it, so a resumed run takes the same steps as an uninterrupted one."""
+        cache = self.item_state_cache
+        return {"item_state_cache": None if cache is None else cache.detach().cpu(),
+                "steps_since_refresh": self._steps_since_refresh}
+
+    def load_training_state(self, state: dict) -> None:
+        cache = state.get("item_state_cache")
+        self.item_state_cache = None if cache is None else cache.to(self.item_token_ids.device)
+        self._steps_since_refresh = int(state.get("steps_since_refresh", 0))
+
     def train(self, mode: bool = True):
         # Every switch (RecBole's evaluate() calls eval() once) drops the item vectors: the next evaluation
         # re-encodes every item once. Dropping them only on train(True) kept stale vectors when the weights or the

@@ -1,0 +1,128 @@
+"""Top-k recommendations from a saved DARec (or any sequential model of the harness) for an item history.
+
+    python -m recbole_darec.recommend --checkpoint=saved/DARec-Nov-27-2026_01-02-03.pth --history=i001,i002 --topk=10
+
+The checkpoint's pickled Config names model, dataset and data_path: the dataset and model are rebuilt from it, the
+saved weights loaded, and the history (raw item ids of the ``.item`` / ``.inter`` files, oldest first) scored
+against every item. Nothing is excluded unless ``--exclude_history`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+from recbole.data.interaction import Interaction
+from recbole.utils import init_seed
+
+import recbole_darec  # noqa: F401  (compat first: numpy aliases must exist before recbole is imported)
+from recbole_darec.compat import load_trusted_checkpoint
+from recbole_darec.quick_start import load_data
+from recbole_darec.utils import get_model
+
+
+class UnknownItemError(ValueError):
+    """History items that the checkpoint's dataset does not know."""
+
+
+class Recommender:
+    """A saved model, rebuilt once, that scores histories (``recommend`` builds one per call)."""
+
+    def __init__(self, checkpoint: str) -> None:
+        state = load_trusted_checkpoint(str(checkpoint), map_location="cpu")
+        config = state.get("config")
+        if config is None or "state_dict" not in state:
+            raise ValueError(f"{checkpoint}: not a checkpoint of this harness (no pickled config / state_dict); "
+                             "pass a .pth file written by run_darec.py.")
+        if not torch.cuda.is_available():  # a checkpoint trained on a GPU still recommends on a CPU machine
+            config["device"] = torch.device("cpu")
+        config["show_progress"] = False
+        self.config = config
+        init_seed(config["seed"], config["reproducibility"])
+        dataset, train_data, _, _ = load_data(config)
+        # Seeded as run_darec seeds it: a random:* backbone is not in the checkpoint (frozen) and must be rebuilt
+        # with the same weights.
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        self.model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        self.model.load_state_dict(state["state_dict"])
+        self.model.load_other_parameter(state.get("other_parameter"))
+        self.model.eval()
+        self.iid_field = config["ITEM_ID_FIELD"]
+        self.token2id: dict[str, int] = dict(dataset.field2token_id[self.iid_field])
+        self.id2token = list(dataset.field2id_token[self.iid_field])
+        self.sentences = list(getattr(train_data._dataset, "item_sentences", None) or [""] * len(self.id2token))
+
+    def item_ids(self, history: list[str]) -> list[int]:
+        unknown = [item for item in history if item not in self.token2id or item == "[PAD]"]
+        if unknown:
+            examples = ", ".join(self.id2token[1:4])
+            raise UnknownItemError(
+                f"unknown item id(s) in --history: {', '.join(unknown)}; the dataset '{self.config['dataset']}' "
+                f"of this checkpoint has {len(self.id2token) - 1} items (raw ids such as {examples})."
+            )
+        return [self.token2id[item] for item in history]
+
+    @torch.no_grad()
+    def recommend(self, history: list[str], topk: int = 10,
+                  exclude_history: bool = False) -> list[tuple[str, str, float]]:
+        if not history:
+            raise ValueError("--history is empty: give at least one item id (oldest first, comma-separated).")
+        if topk <= 0:
+            raise ValueError(f"--topk={topk}: must be positive.")
+        ids = self.item_ids(history)
+        max_len = int(self.config["MAX_ITEM_LIST_LENGTH"])
+        recent = ids[-max_len:]  # the model was trained on the last MAX_ITEM_LIST_LENGTH items of a history
+        seq = torch.zeros(1, max_len, dtype=torch.long)
+        seq[0, : len(recent)] = torch.tensor(recent)
+        interaction = Interaction({
+            self.model.ITEM_SEQ: seq,
+            self.model.ITEM_SEQ_LEN: torch.tensor([len(recent)]),
+        }).to(self.config["device"])
+        scores = self.model.full_sort_predict(interaction).reshape(-1).float().cpu()
+        scores[0] = float("-inf")  # padding id
+        if exclude_history:
+            scores[torch.tensor(ids)] = float("-inf")
+        k = min(topk, int(torch.isfinite(scores).sum()))
+        values, indices = torch.topk(scores, k)
+        return [(self.id2token[i], self.sentences[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def recommend(checkpoint: str, history: list[str], topk: int = 10,
+              exclude_history: bool = False) -> list[tuple[str, str, float]]:
+    """Top-``topk`` (item id, item sentence, score) for ``history`` (raw item ids, oldest first), best first."""
+    return Recommender(checkpoint).recommend(history, topk=topk, exclude_history=exclude_history)
+
+
+def format_table(rows: list[tuple[str, str, float]]) -> str:
+    width = max([len("item"), *(len(token) for token, _, _ in rows)])
+    lines = [f"{'rank':>4}  {'item':<{width}}  {'score':>9}  title"]
+    for rank, (token, sentence, score) in enumerate(rows, 1):
+        lines.append(f"{rank:>4}  {token:<{width}}  {score:>9.4f}  {sentence}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pth file written by run_darec.py")
+    parser.add_argument("--history", required=True, help="raw item ids, oldest first, comma-separated")
+    parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--exclude_history", action="store_true", help="do not recommend items of the history")
+    args = parser.parse_args(argv)
+    history = [item.strip() for item in args.history.split(",") if item.strip()]
+    # RecBole's Config (inside load_data's helpers) must not read this command line as --key=value settings.
+    sys.argv = sys.argv[:1]
+    # pandas' FutureWarnings from RecBole's loader would bury the table (or the one-line error) on stderr.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        rows = recommend(args.checkpoint, history, topk=args.topk, exclude_history=args.exclude_history)
+    except (UnknownItemError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Issue 8: resume after an interruption, atomic checkpoints, recommendations from a saved model, bad input.
+
+Tiny random backbone (one layer, 32 wide), one torch thread: each training run takes about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from darec_testing import build, clone_state, darec_settings, one_torch_thread, trainer_for, write_text_dataset
+
+from recbole_darec.compat import load_trusted_checkpoint
+from recbole_darec.config import Config
+from recbole_darec.data.item_text import read_item_sentences
+from recbole_darec.model.adapters import parse_adapter_arch
+from recbole_darec.quick_start import load_data, run_darec, user_error_message
+from recbole_darec.recommend import Recommender, UnknownItemError, format_table, recommend
+from recbole_darec.trainer import CheckpointMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_LAYER = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn": 64}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_run):
+    yield
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    return write_text_dataset(tmp_path / "dataset")
+
+
+def settings(tmp_path: Path, text_data, checkpoint_dir: str = "saved", **overrides) -> dict:
+    data_path, _ = text_data
+    # adapter_dropout > 0: the torch RNG state matters for resume; the loader shuffles (its generator matters).
+    base = dict(llm_random_config=dict(ONE_LAYER), adapter_dropout=0.1, checkpoint_dir=str(tmp_path / checkpoint_dir))
+    base.update(overrides)
+    return darec_settings(tmp_path, data_path, **base)
+
+
+def train(tmp_path, text_data, checkpoint_dir, resume=None, stop_after=None, **overrides):
+    """One run in fresh objects (as a new process would build them); ``stop_after``: interrupt after that epoch."""
+    _, name = text_data
+    config, model, train_data, valid_data, test_data = build("DARec", name, settings(
+        tmp_path, text_data, checkpoint_dir, **overrides))
+    trainer = trainer_for(config, model)
+    if resume:
+        trainer.resume_checkpoint(resume)
+
+    def interrupt(epoch_idx, _score):
+        if epoch_idx == stop_after:
+            raise KeyboardInterrupt  # as a Ctrl-C right after the epoch's checkpoints were written
+
+    try:
+        best_score, best_valid = trainer.fit(train_data, valid_data, saved=True, callback_fn=interrupt)
+    except KeyboardInterrupt:
+        return trainer, None
+    test = trainer.evaluate(test_data, load_best_model=True)
+    return trainer, {"best_valid_score": best_score, "best_valid": dict(best_valid), "test": dict(test),
+                     "train_loss": dict(trainer.train_loss_dict), "state": clone_state(model)}
+
+
+# ----- 1. resume ---------------------------------------------------------------------------------------------
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path, text_data):
+    _, full = train(tmp_path, text_data, "full", epochs=2)
+
+    interrupted, none = train(tmp_path, text_data, "resumed", epochs=2, stop_after=0)
+    assert none is None
+    last = interrupted.last_checkpoint_file
+    assert last.endswith("-last.pth") and os.path.isfile(last)
+    saved = load_trusted_checkpoint(last)
+    assert saved["epoch"] == 0 and {"rng", "train_generator", "best_valid_result", "train_loss_dict",
+                                    "model_training_state"} <= set(saved)
+
+    resumed_trainer, resumed = train(tmp_path, text_data, "resumed", resume=last, epochs=2)
+    assert resumed_trainer.start_epoch == 1
+    assert resumed["best_valid"] == full["best_valid"]
+    assert resumed["test"] == full["test"]
+    assert resumed["best_valid_score"] == full["best_valid_score"]
+    assert resumed["train_loss"] == full["train_loss"]
+    assert resumed["state"].keys() == full["state"].keys()
+    for key, value in full["state"].items():
+        assert torch.equal(resumed["state"][key], value), key
+
+
+def test_checkpoint_write_is_atomic(tmp_path, text_data, monkeypatch):
+    trainer, result = train(tmp_path, text_data, "saved", epochs=1)
+    last = trainer.last_checkpoint_file
+    before = Path(last).read_bytes()
+
+    def crash(src, dst):  # the process dies after the temp file is written, before the rename
+        raise OSError("simulated crash between write and rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    trainer.train_loss_dict[7] = 1.0
+    with pytest.raises(OSError, match="simulated crash"):
+        trainer._save_resume_checkpoint(7)
+    with pytest.raises(OSError, match="simulated crash"):
+        trainer._save_checkpoint(7)
+    monkeypatch.undo()
+
+    assert Path(last).read_bytes() == before
+    assert load_trusted_checkpoint(last)["epoch"] == 0
+    assert load_trusted_checkpoint(trainer.saved_model_file)["epoch"] == 0
+    assert not [p for p in os.listdir(os.path.dirname(last)) if ".tmp-" in p]  # no temp file left behind
+
+
+def test_resume_refuses_checkpoint_of_other_dataset(tmp_path, text_data):
+    trainer, _ = train(tmp_path, text_data, "saved", epochs=1)
+    other = write_text_dataset(tmp_path / "dataset", name="tiny-other")
+    config, model, *_ = build("DARec", other[1], settings(tmp_path, other, "other"))
+    with pytest.raises(CheckpointMismatchError, match="dataset='tiny-text'.*--dataset=tiny-text"):
+        trainer_for(config, model).resume_checkpoint(trainer.last_checkpoint_file)
+
+
+def test_resume_refuses_checkpoint_of_other_backbone(tmp_path, text_data):
+    trainer, _ = train(tmp_path, text_data, "saved", epochs=1)
+    _, name = text_data
+    config, model, *_ = build("DARec", name, settings(tmp_path, text_data, "other", llm_path="random:opt"))
+    with pytest.raises(CheckpointMismatchError, match="llm_path='random:llama'"):
+        trainer_for(config, model).resume_checkpoint(trainer.saved_model_file)
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_keeps_the_best_checkpoint(tmp_path, text_data):
+    trainer, _ = train(tmp_path, text_data, "saved", epochs=2)
+    best_before = Path(trainer.saved_model_file).read_bytes()
+    # Early stopping had fired (cur_step > stopping_step): a resume must not train on past the stop.
+    last = trainer.last_checkpoint_file
+    stopped = load_trusted_checkpoint(last)
+    assert stopped["epoch"] == 1
+    again, _ = train(tmp_path, text_data, "saved", resume=last, epochs=2)  # all epochs done
+    assert set(again.train_loss_dict) == {0, 1}
+    stopped["cur_step"] = 99
+    torch.save(stopped, last)
+    again, _ = train(tmp_path, text_data, "saved", resume=last, epochs=5)  # early stopping had fired
+    assert set(again.train_loss_dict) == {0, 1}
+    assert Path(trainer.saved_model_file).read_bytes() == best_before
+
+
+# ----- 2. recommend ------------------------------------------------------------------------------------------
+@pytest.fixture
+def trained_checkpoint(tmp_path, text_data) -> str:
+    trainer, _ = train(tmp_path, text_data, "saved", epochs=1, adapter_dropout=0.0)
+    return trainer.saved_model_file
+
+
+def test_recommend_function_and_cli(trained_checkpoint, tmp_path):
+    recommender = Recommender(trained_checkpoint)
+    history = ["i003", "i004", "i005"]
+    rows = recommender.recommend(history, topk=5)
+    assert len(rows) == 5
+    assert all(isinstance(t, str) and isinstance(s, str) and isinstance(v, float) for t, s, v in rows)
+    assert [v for *_, v in rows] == sorted((v for *_, v in rows), reverse=True)
+    assert rows[0][1].startswith("n: ")  # the item's sentence from the .item file
+    excluded = recommender.recommend(history, topk=60, exclude_history=True)
+    assert not {t for t, *_ in excluded} & set(history)
+    assert len(excluded) == 60 - len(history)
+    # The one-call API gives the same ranking as the reusable object.
+    assert recommend(trained_checkpoint, history, topk=5) == rows
+    assert "rank" in format_table(rows).splitlines()[0]
+
+    with pytest.raises(UnknownItemError, match="i999, nope"):
+        recommender.recommend(["i003", "i999", "nope"])
+
+    cli = [sys.executable, "-m", "recbole_darec.recommend", f"--checkpoint={trained_checkpoint}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([*cli, "--history=i003,i004,i005", "--topk=3"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["rank", "item", "score"] and len(lines) == 4
+    assert lines[1].split()[1] == rows[0][0]
+    bad = subprocess.run([*cli, "--history=i003,i999"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    error_lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "i999" in error_lines[0], bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == error_lines[0]
+
+
+# ----- 3. bad input --------------------------------------------------------------------------------------------
+def _config(tmp_path, text_data, **overrides):
+    return Config(model="DARec", dataset=text_data[1], config_dict=settings(tmp_path, text_data, **overrides))
+
+
+def _model_error(tmp_path, text_data, **overrides) -> str:
+    _, name = text_data
+    with pytest.raises(ValueError) as info:
+        build("DARec", name, settings(tmp_path, text_data, **overrides))
+    message = str(info.value)
+    assert "\n" not in message and user_error_message(info.value) == f"error: {message}"
+    return message
+
+
+def test_llm_layers_larger_than_backbone(tmp_path, text_data):
+    assert "llm_layers=3" in _model_error(tmp_path, text_data, llm_layers=3)
+
+
+@pytest.mark.parametrize("arch, expected", [("sps", "'sps'.*2 layers"), ("sx", "'sx'.*s \\(serial\\) or p")])
+def test_bad_adapter_arch(arch, expected):
+    with pytest.raises(ValueError, match=expected) as info:
+        parse_adapter_arch(arch, 2)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [("learning_rate", 0), ("learning_rate", -0.1), ("train_batch_size", 0),
+                                        ("adapter_size", -4)])
+def test_non_positive_settings(tmp_path, text_data, key, value):
+    message = _model_error(tmp_path, text_data, **{key: value})
+    assert f"{key}={value}" in message and f"--{key}=" in message
+
+
+def test_unknown_model_and_cf_model(tmp_path, text_data):
+    with pytest.raises(ValueError, match="Unknown model 'DaRec'"):
+        Config(model="DaRec", dataset=text_data[1], config_dict=settings(tmp_path, text_data))
+    assert "cf_model='XYZ'" in _model_error(tmp_path, text_data, cf_model="XYZ")
+
+
+def test_missing_dataset_folder_and_file(tmp_path, text_data):
+    config = Config(model="DARec", dataset=text_data[1], config_dict={
+        **settings(tmp_path, text_data), "data_path": str(tmp_path / "nowhere")})
+    with pytest.raises(FileNotFoundError, match="dataset folder not found.*nowhere.*dataset/README.md"):
+        load_data(config)
+    os.remove(tmp_path / "dataset" / text_data[1] / f"{text_data[1]}.inter")
+    with pytest.raises(FileNotFoundError, match=r"file not found: .*tiny-text\.inter"):
+        load_data(_config(tmp_path, text_data))
+
+
+def test_run_darec_cli_prints_one_line_without_traceback(tmp_path, text_data):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "run_darec.py"), "--model=DARec", "--dataset=missing-set",
+                           f"--data_path={tmp_path / 'dataset'}", "--llm_path=random:llama"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: dataset folder not found")
+
+
+def test_item_file_bad_rows_warn_with_counts(tmp_path, caplog):
+    item_file = tmp_path / "bad.item"
+    item_file.write_bytes(
+        b"item_id:token\ttitle:token_seq\n"
+        b"i1\tgood title\n"
+        b"i2\tbad \xff\xfe bytes\n"  # not UTF-8
+        b"i3\n"  # missing text
+        b"i4\ttitle\twith\ttabs\n"  # extra tab-separated cells
+        b"i1\tduplicate\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        sentences = read_item_sentences(str(item_file), "item_id")
+    assert sentences["i1"] == "title: good title"
+    assert "bad" in sentences["i2"] and sentences["i3"] == "" and sentences["i4"] == "title: title"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "1 row(s) non-UTF-8" in warnings[0] and "2 row(s) wrong column count" in warnings[0]
+    assert "1 row(s) duplicate item rows" in warnings[0] and str(item_file) in warnings[0]
+
+
+def test_item_file_without_id_column_is_an_error(tmp_path):
+    item_file = tmp_path / "noid.item"
+    item_file.write_text("title:token_seq\nx\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 1: no 'item_id' column"):
+        read_item_sentences(str(item_file), "item_id")
+
+
+def test_run_darec_uses_resume_setting(tmp_path, text_data):
+    trainer, _ = train(tmp_path, text_data, "saved", epochs=1)
+    result = run_darec("DARec", text_data[1], config_dict={
+        **settings(tmp_path, text_data, "saved"), "epochs": 2, "resume": trainer.last_checkpoint_file})
+    assert set(result["best_valid_result"]) and result["saved_model_file"] == trainer.saved_model_file
