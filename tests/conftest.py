@@ -111,3 +111,19 @@ def assert_protocol_metrics(result: dict) -> None:
         assert result[f"mrr@{k}"] <= result[f"ndcg@{k}"] + 1e-4 <= result[f"recall@{k}"] + 2e-4, result
     for metric in ("recall", "ndcg", "mrr"):
         assert result[f"{metric}@10"] <= result[f"{metric}@50"] + 1e-4, result
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch intra-op thread (see darec_testing.one_torch_thread for why)."""
+    from darec_testing import one_torch_thread
+
+    yield from one_torch_thread()
+
+
+@pytest.fixture
+def text_data(tmp_path: Path) -> tuple[str, str]:
+    """(data_path, name) of the tiny fixture with short, distinct item texts (darec_testing.write_text_dataset)."""
+    from darec_testing import write_text_dataset
+
+    return write_text_dataset(tmp_path / "dataset")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from darec_testing import BACKBONES, TINY_LLM, build, darec_settings, one_torch_thread, write_text_dataset
+from darec_testing import BACKBONES, TINY_LLM, build, darec_settings, write_text_dataset
 
 from recbole_darec.model.adapters import (
     PARALLEL,
@@ -25,17 +25,9 @@ from recbole_darec.model.backbone import load_backbone
 from recbole_darec.model.layout import pack_sequences
 from recbole_darec.model.masks import attention_mask
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated_run):
-    # RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): run every
-    # test in its tmp_path with a clean command line (conftest's isolated_run).
-    yield
+# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
+# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
 
 
 # ------------------------------------------------------------------------------------- parse_adapter_arch

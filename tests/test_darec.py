@@ -23,7 +23,6 @@ from darec_testing import (
     first_batch,
     full_sort_batch,
     new_model,
-    one_torch_thread,
     short_item_text,
     trainer_for,
     write_text_dataset,
@@ -40,21 +39,10 @@ TRAINABLE_PREFIXES = ("adapters.", "special_embeddings.", "user_proj.", "item_pr
                       "cf_injection.")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
+# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
+# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
 
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated_run):
-    # RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): run every
-    # test in its tmp_path with a clean command line (conftest's isolated_run).
-    yield
-
-
-@pytest.fixture
-def text_data(tmp_path):
-    return write_text_dataset(tmp_path / "dataset")
 
 
 def settings_for(tmp_path, text_data, **overrides):

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 import torch
-from darec_testing import TINY_LLM, build, darec_settings, one_torch_thread
+from darec_testing import TINY_LLM, build, darec_settings
 
 import recbole_darec.model.darec as darec_module
 from recbole_darec.model import backbone as backbone_module
@@ -22,16 +22,9 @@ EMBEDDED = "smollm2-135m"
 N_LAYERS = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
-
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated_run):
-    # RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): run every
-    # test in its tmp_path with a clean command line (conftest's isolated_run).
-    yield
+# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
+# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
 
 
 def _no_network(*args, **kwargs):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from darec_testing import build, clone_state, darec_settings, one_torch_thread, trainer_for, write_text_dataset
+from darec_testing import build, clone_state, darec_settings, trainer_for, write_text_dataset
 
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.config import Config
@@ -27,19 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 ONE_LAYER = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
+# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
+# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
 
-
-@pytest.fixture(autouse=True)
-def _isolated(isolated_run):
-    yield
-
-
-@pytest.fixture
-def text_data(tmp_path):
-    return write_text_dataset(tmp_path / "dataset")
 
 
 def settings(tmp_path: Path, text_data, checkpoint_dir: str = "saved", **overrides) -> dict:
