@@ -60,15 +60,10 @@ def tiny_dataset(tmp_path: Path) -> tuple[str, str]:
 @pytest.fixture
 def fast_config(tmp_path: Path) -> dict:
     """Config overrides for quick CPU runs: one epoch, small models, outputs under ``tmp_path``."""
+    from darec_testing import quick_run_settings
+
     return {
-        "epochs": 1,
-        "train_batch_size": 64,
-        "eval_batch_size": 256,
-        "show_progress": False,
-        "checkpoint_dir": str(tmp_path / "saved"),
-        "log_wandb": False,
-        "state": "WARNING",
-        "worker": 0,
+        **quick_run_settings(tmp_path),
         # Small model sizes: keys of SASRec / BERT4Rec / GRU4Rec; models ignore the ones they do not use.
         "hidden_size": 32,
         "inner_size": 64,

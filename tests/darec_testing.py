@@ -34,10 +34,9 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
-def darec_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
-    """Config overrides for DARec on the tiny fixture: tiny backbone, short item texts, short histories."""
-    settings = {
-        "data_path": data_path,
+def quick_run_settings(tmp_path: Path) -> dict:
+    """Run settings shared by every quick test run: one epoch, small batches, quiet, outputs under tmp_path."""
+    return {
         "epochs": 1,
         "train_batch_size": 64,
         "eval_batch_size": 256,
@@ -46,6 +45,14 @@ def darec_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
         "log_wandb": False,
         "state": "WARNING",
         "worker": 0,
+    }
+
+
+def darec_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
+    """Config overrides for DARec on the tiny fixture: tiny backbone, short item texts, short histories."""
+    settings = {
+        **quick_run_settings(tmp_path),
+        "data_path": data_path,
         "llm_path": "random:llama",
         "llm_random_config": dict(TINY_LLM),
         "item_max_tokens": 8,
