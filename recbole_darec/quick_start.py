@@ -11,6 +11,13 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_darec.config import Config
 from recbole_darec.data import create_dataset
+from recbole_darec.data.checks import (
+    check_dataset_files,
+    check_inter_file,
+    check_positive_settings,
+    empty_after_filtering_error,
+    warn_short_users,
+)
 from recbole_darec.utils import get_model, get_trainer
 
 
@@ -23,8 +30,15 @@ def load_data(config: Config):
         data_root = os.path.dirname(os.path.normpath(config["data_path"]))
         ensure_dataset(config["dataset"], data_root, raw_dir=config["raw_dir"], url_base=config["raw_url_base"])
     check_dataset_files(config)
+    check_inter_file(config)
     check_positive_settings(config)
-    dataset = create_dataset(config)
+    try:
+        dataset = create_dataset(config)
+    except ValueError as exc:
+        if "feat is empty" in str(exc):  # RecBole's filters removed every interaction
+            raise empty_after_filtering_error(config) from None
+        raise
+    warn_short_users(config, dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
 
@@ -37,30 +51,6 @@ def user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and "checkpoint" in str(exc):  # DARec.load_state_dict: settings differ
         return f"error: {exc}"
     return None
-
-
-def check_positive_settings(config: Config) -> None:
-    """Batch sizes and the learning rate must be positive; torch's own error for a zero batch size names no
-    setting (it is raised while the data loaders are built, before any model could check it)."""
-    for key in ("train_batch_size", "eval_batch_size", "learning_rate"):
-        value = config[key]
-        if value is not None and value <= 0:
-            raise ValueError(f"{key}={value}: must be positive (set it in a config file, properties/, or with "
-                             f"--{key}=...).")
-
-
-def check_dataset_files(config: Config) -> None:
-    """Fail early, naming the file, when ``<data_path>/<dataset>.inter`` is missing: RecBole's own error for a
-    missing dataset is a download prompt or an unrelated KeyError deep in its loader."""
-    data_path = config["data_path"]  # RecBole has already joined data_path and the dataset name
-    inter_file = os.path.join(data_path, f"{config['dataset']}.inter")
-    if os.path.isfile(inter_file):
-        return
-    what = "file" if os.path.isdir(data_path) else "dataset folder"
-    raise FileNotFoundError(
-        f"{what} not found: {inter_file if what == 'file' else data_path} (dataset '{config['dataset']}'); put the "
-        f"RecBole atomic files <dataset>.inter (and .item) there or set --data_path; see dataset/README.md."
-    )
 
 
 def _plain(result) -> dict:

@@ -65,6 +65,12 @@ class Trainer(RecBoleTrainer):
         self._pending_generator_state: torch.Tensor | None = None  # from resume_checkpoint, applied in fit()
         self._save_last = False  # fit(saved=...): no resume checkpoints when the run saves nothing
 
+    def _build_optimizer(self, **kwargs):
+        # A model may ask for per-group learning rates (DARec: the LLM-side weights learn slower than its heads).
+        if "params" not in kwargs and hasattr(self.model, "optimizer_param_groups"):
+            kwargs["params"] = self.model.optimizer_param_groups()
+        return super()._build_optimizer(**kwargs)
+
     @property
     def last_checkpoint_file(self) -> str:
         stem, ext = os.path.splitext(self.saved_model_file)

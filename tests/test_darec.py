@@ -380,17 +380,44 @@ def test_evaluation_sees_an_architecture_set_in_eval_mode(tmp_path, text_data):
     torch.testing.assert_close(model._all_item_vectors(), expected)
 
 
-def test_training_item_cache_refreshed_every_n_steps(tmp_path, text_data):
+def test_training_item_cache_rolls_over_every_item_in_n_steps(tmp_path, text_data):
     _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data,
-                                                                          item_cache_refresh=2))
-    calls = []
+                                                                          item_cache_refresh=4))
+    encoded = []
     original = model.encode_all_items
-    model.encode_all_items = lambda: calls.append(1) or original()
+
+    def record(items=None):
+        encoded.append(None if items is None else items.tolist())
+        return original(items)
+
+    model.encode_all_items = record
     model.train()
     batch = first_batch(train_data)
-    for _ in range(5):
+    for _ in range(9):
         model.calculate_loss(batch)
-    assert len(calls) == 3  # steps 1, 3 and 5
+    assert encoded[0] is None  # step 1: every item, once
+    slices = encoded[1:]
+    assert len(slices) == 8 and all(len(part) == len(slices[0]) for part in slices)
+    every_item = list(range(1, model.n_items))
+    for sweep in (slices[:4], slices[4:]):  # each run of item_cache_refresh steps re-encodes every item once
+        flat = [item for part in sweep for item in part]
+        assert sorted(set(flat)) == every_item and len(flat) - len(set(flat)) < len(slices[0])
+    model.encode_all_items = original
+    fresh = original()  # no optimizer step was taken: the cache holds exactly the current states
+    assert torch.allclose(model.item_state_cache[1:], fresh[1:], atol=1e-5)
+
+
+def test_state_standardisation_is_fixed_by_the_first_full_encoding(tmp_path, text_data):
+    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data))
+    first = model.encode_all_items()
+    mean, std = model.state_mean.clone(), model.state_std.clone()
+    assert torch.allclose(mean, first[1:].mean(0)) and bool(model.state_stats_ready)
+    with torch.no_grad():
+        for adapter in model.adapters.parameters():
+            adapter.add_(0.5)  # the states change ...
+    assert not torch.allclose(model.encode_all_items()[1:].mean(0), mean)
+    assert torch.equal(model.state_mean, mean) and torch.equal(model.state_std, std)  # ... the statistics do not
+    assert "state_mean" in model.state_dict() and "state_stats_ready" in model.state_dict()
 
 
 # ------------------------------------------------------------------------- (g) no text, no .item file
@@ -462,3 +489,16 @@ def test_same_seed_same_metrics(isolated_run, tiny_dataset):
     assert first["best_valid_result"] == second["best_valid_result"]
     assert first["test_result"] == second["test_result"]
     assert np.isfinite(list(first["test_result"].values())).all()
+
+
+@pytest.mark.parametrize("llm_learning_rate", [3e-4, None])
+def test_llm_side_weights_get_their_own_learning_rate(tmp_path, text_data, llm_learning_rate):
+    config, model, _, _, _ = build("DARec", text_data[1], settings_for(
+        tmp_path, text_data, learning_rate=2e-3, llm_learning_rate=llm_learning_rate))
+    groups = trainer_for(config, model).optimizer.param_groups
+    assert [group["lr"] for group in groups] == [2e-3, llm_learning_rate or 2e-3]
+    llm_side = {id(p) for p in groups[1]["params"]}
+    assert all(id(p) in llm_side for p in model.adapters.parameters())
+    assert id(model.special_embeddings.weight) in llm_side and id(model.user_proj.weight) not in llm_side
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == llm_side | {id(p) for p in groups[0]["params"]}

@@ -17,7 +17,7 @@ from darec_testing import build, clone_state, darec_settings, trainer_for, write
 
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.config import Config
-from recbole_darec.data.item_text import read_item_sentences
+from recbole_darec.data.item_text import read_item_sentences, tokenize_items
 from recbole_darec.model.adapters import parse_adapter_arch
 from recbole_darec.quick_start import load_data, run_darec, user_error_message
 from recbole_darec.recommend import Recommender, UnknownItemError, format_table, recommend
@@ -249,15 +249,30 @@ def test_item_file_bad_rows_warn_with_counts(tmp_path, caplog):
         b"i3\n"  # missing text
         b"i4\ttitle\twith\ttabs\n"  # extra tab-separated cells
         b"i1\tduplicate\n"
+        b"i5\tNaN\n"  # a pandas export of a missing value
+        b'i6\t12" "ruler\n'  # quotes are text
     )
     with caplog.at_level(logging.WARNING):
         sentences = read_item_sentences(str(item_file), "item_id")
-    assert sentences["i1"] == "title: good title"
-    assert "bad" in sentences["i2"] and sentences["i3"] == "" and sentences["i4"] == "title: title"
+    assert sentences["i1"] == "title: good title" and sentences["i6"] == 'title: 12" "ruler'
+    assert "bad" in sentences["i2"] and sentences["i3"] == sentences["i5"] == "" and sentences["i4"] == "title: title"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "1 row(s) non-UTF-8" in warnings[0] and "2 row(s) wrong column count" in warnings[0]
     assert "1 row(s) duplicate item rows" in warnings[0] and str(item_file) in warnings[0]
+    assert "2 row(s) with no text (empty or NaN)" in warnings[0]
+
+
+def test_over_long_item_text_is_truncated_with_one_warning(caplog):
+    def tokenize(texts):
+        return [list(range(1, len(text) + 1)) for text in texts]
+
+    with caplog.at_level(logging.WARNING):
+        token_ids, lengths = tokenize_items(["", "abc", "x" * 50, "y" * 9], tokenize, item_max_tokens=8)
+    assert lengths.tolist() == [0, 3, 8, 8] and token_ids[2].tolist() == list(range(1, 9))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["2 of 4 item sentences were truncated to item_max_tokens=8 tokens (raise item_max_tokens "
+                        "to keep more of each item's text)."]
 
 
 def test_item_file_without_id_column_is_an_error(tmp_path):
@@ -272,3 +287,103 @@ def test_run_darec_uses_resume_setting(tmp_path, text_data):
     result = run_darec("DARec", text_data[1], config_dict={
         **settings(tmp_path, text_data, "saved"), "epochs": 2, "resume": trainer.last_checkpoint_file})
     assert set(result["best_valid_result"]) and result["saved_model_file"] == trainer.saved_model_file
+
+
+# ----- bad .inter files and filters ----------------------------------------------------------------------------
+def _rewrite_inter(text_data, edit) -> Path:
+    data_path, name = text_data
+    inter_file = Path(data_path) / name / f"{name}.inter"
+    lines = inter_file.read_text(encoding="utf-8").splitlines()
+    inter_file.write_text("\n".join(edit(lines)) + "\n", encoding="utf-8")
+    return inter_file
+
+
+def _load_error(tmp_path, text_data, **overrides) -> str:
+    with pytest.raises(ValueError) as info:
+        load_data(_config(tmp_path, text_data, **overrides))
+    message = str(info.value)
+    assert "\n" not in message and user_error_message(info.value) == f"error: {message}"
+    return message
+
+
+def test_inter_without_timestamp_column(tmp_path, text_data):
+    inter_file = _rewrite_inter(text_data, lambda lines: ["\t".join(line.split("\t")[:2]) for line in lines])
+    message = _load_error(tmp_path, text_data)
+    assert f"{inter_file}, line 1: no 'timestamp' column (needed by TIME_FIELD)" in message
+
+
+def test_inter_without_item_column(tmp_path, text_data):
+    _rewrite_inter(text_data, lambda lines: [line.replace("item_id:token", "product:token") for line in lines])
+    assert "line 1: no 'item_id' column (needed by ITEM_ID_FIELD)" in _load_error(tmp_path, text_data)
+
+
+def test_inter_with_non_numeric_timestamp(tmp_path, text_data):
+    def edit(lines):
+        user, item, _ = lines[4].split("\t")
+        lines[4] = f"{user}\t{item}\tyesterday"
+        return lines
+
+    inter_file = _rewrite_inter(text_data, edit)
+    message = _load_error(tmp_path, text_data)
+    assert f"{inter_file}, line 5: 'timestamp' is 'yesterday', not a number" in message
+
+
+def test_inter_with_only_a_header(tmp_path, text_data):
+    _rewrite_inter(text_data, lambda lines: lines[:1])
+    assert "has no interactions (only the header line)" in _load_error(tmp_path, text_data)
+
+
+def test_empty_dataset_after_filtering(tmp_path, text_data):
+    message = _load_error(tmp_path, text_data, user_inter_num_interval="[1000,inf)")
+    assert "empty after filtering" in message and "user_inter_num_interval='[1000,inf)'" in message
+
+
+def test_users_with_fewer_than_two_interactions_warn_with_the_count(tmp_path, text_data, caplog):
+    _rewrite_inter(text_data, lambda lines: [*lines, "lonely1\ti001\t5", "lonely2\ti002\t6"])
+    with caplog.at_level(logging.WARNING):
+        dataset, train_data, _, test_data = load_data(_config(tmp_path, text_data))
+    warnings = [r.getMessage() for r in caplog.records if "fewer than 2 interactions" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 32 users" in warnings[0]
+    lonely = {dataset.token2id(dataset.uid_field, name) for name in ("lonely1", "lonely2")}
+    for data in (train_data, test_data):
+        assert not lonely & set(data._dataset.inter_feat[dataset.uid_field].tolist())
+
+
+def test_only_users_with_fewer_than_two_interactions_is_an_error(tmp_path, text_data):
+    _rewrite_inter(text_data, lambda lines: [lines[0]] + [f"u{n}\ti00{n % 5}\t{n}" for n in range(5)])
+    assert "every user" in _load_error(tmp_path, text_data)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+BAD_INPUTS = {
+    "no timestamp column": ({}, lambda lines: ["\t".join(line.split("\t")[:2]) for line in lines]),
+    "non-numeric timestamp": ({}, lambda lines: [*lines[:3], lines[3].rsplit("\t", 1)[0] + "\tsoon", *lines[4:]]),
+    "empty after filtering": ({"user_inter_num_interval": "[1000,inf)"}, None),
+    "zero learning rate": ({"learning_rate": 0}, None),
+    "unknown cf_model": ({"cf_model": "XYZ"}, None),
+    "llm_layers too large": ({"llm_layers": 5}, None),
+    "adapter_arch wrong length": ({"adapter_arch": "sps"}, None),
+    "checkpoint of another backbone": ({"resume": "OTHER"}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_loses_no_checkpoint_and_no_prepared_data(tmp_path, text_data, case):
+    """A run with bad input stops with one line and leaves every checkpoint and data file as it was."""
+    overrides, edit = BAD_INPUTS[case]
+    trainer, _ = train(tmp_path, text_data, "saved", epochs=1)  # a previous run's checkpoints
+    if overrides.get("resume") == "OTHER":
+        overrides = {"resume": trainer.last_checkpoint_file, "llm_path": "random:opt"}
+    if edit is not None:
+        _rewrite_inter(text_data, edit)
+    data_folder = Path(text_data[0])
+    before = {"saved": _snapshot(tmp_path / "saved"), "data": _snapshot(data_folder)}
+    assert before["saved"] and before["data"]
+    with pytest.raises(ValueError) as info:
+        run_darec("DARec", text_data[1], config_dict=settings(tmp_path, text_data, "saved", epochs=2, **overrides))
+    assert "\n" not in str(info.value) and user_error_message(info.value)
+    assert _snapshot(tmp_path / "saved") == before["saved"]
+    assert _snapshot(data_folder) == before["data"]

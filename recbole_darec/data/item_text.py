@@ -15,6 +15,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Cells that mean "no value" when a table was exported with pandas or a database: an empty sentence part, not text.
+MISSING_TEXT = frozenset({"nan", "NaN", "NAN", "None", "null", "NULL", "N/A"})
+
 
 def _field_name(header_cell: str) -> str:
     return header_cell.split(":", 1)[0].strip()
@@ -29,7 +32,7 @@ def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequenc
     reported with one warning; they never stop the run.
     """
     sentences: dict[str, str] = {}
-    issues = {"non-UTF-8": 0, "wrong column count": 0, "duplicate item rows": 0}
+    issues = {"non-UTF-8": 0, "wrong column count": 0, "duplicate item rows": 0, "with no text (empty or NaN)": 0}
     with open(item_file, "rb") as handle:
         header_line = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
         header = [_field_name(cell) for cell in header_line.split(separator)]
@@ -59,13 +62,15 @@ def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequenc
             if token in sentences:
                 issues["duplicate item rows"] += 1
                 continue
-            parts = [f"{name}: {cells[col].strip()}" for name, col in used if cells[col].strip()]
+            values = [(name, cells[col].strip()) for name, col in used]
+            parts = [f"{name}: {value}" for name, value in values if value and value not in MISSING_TEXT]
             sentences[token] = "; ".join(parts)
+            issues["with no text (empty or NaN)"] += not parts
     bad = {kind: count for kind, count in issues.items() if count}
     if bad:
         logger.warning(
-            "%s: %s. Those rows were still used (text decoded with replacement, missing cells empty, first row of "
-            "a duplicated item kept).", item_file, ", ".join(f"{count} row(s) {kind}" for kind, count in bad.items())
+            "%s: %s. Those rows were still used (text decoded with replacement, missing or NaN cells empty, first "
+            "row of a duplicated item kept).", item_file, ", ".join(f"{count} row(s) {kind}" for kind, count in bad.items())
         )
     return sentences
 
@@ -95,8 +100,8 @@ def tokenize_items(sentences: Sequence[str], tokenize: Callable[[list[str]], lis
             token_ids[start + offset, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             lengths[start + offset] = len(ids)
     if truncated:
-        logger.info("%d of %d item sentences were truncated to item_max_tokens=%d tokens.",
-                    truncated, len(sentences), item_max_tokens)
+        logger.warning("%d of %d item sentences were truncated to item_max_tokens=%d tokens (raise item_max_tokens "
+                       "to keep more of each item's text).", truncated, len(sentences), item_max_tokens)
     return token_ids, lengths
 
 
