@@ -222,7 +222,8 @@ def test_run_hyper_completes_two_trials(isolated_run, tiny_dataset, fast_config)
         output_file=str(output),
     )
     assert len(tuner.params_list) == 2
-    assert set(tuner.best_params) == {"learning_rate", "llm_learning_rate", "adapter_size", "lambda_align", "lambda_hard"}
+    assert set(tuner.best_params) == {"learning_rate", "llm_learning_rate", "adapter_size", "lambda_align",
+                                      "lambda_hard"}
     best = tuner.params2result[tuner.params2str(tuner.best_params)]
     assert best["model"] == "DARec" and best["valid_score_bigger"] is True
     assert_protocol_metrics(best["test_result"])

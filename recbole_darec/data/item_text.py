@@ -70,7 +70,8 @@ def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequenc
     if bad:
         logger.warning(
             "%s: %s. Those rows were still used (text decoded with replacement, missing or NaN cells empty, first "
-            "row of a duplicated item kept).", item_file, ", ".join(f"{count} row(s) {kind}" for kind, count in bad.items())
+            "row of a duplicated item kept).",
+            item_file, ", ".join(f"{count} row(s) {kind}" for kind, count in bad.items()),
         )
     return sentences
 
