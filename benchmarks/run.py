@@ -169,9 +169,12 @@ def main() -> None:
         for variant in variants:
             model, settings = row_config(profile, variant, seed, data_path, out_dir, overrides)
             stem = out_dir / "rows" / f"{variant}-seed{seed}"
-            Path(f"{stem}.config.json").write_text(json.dumps(settings, indent=1))
-            result_file = Path(f"{stem}.json")
-            if not result_file.exists():  # finished rows are kept: an interrupted benchmark resumes
+            config_file, result_file = Path(f"{stem}.config.json"), Path(f"{stem}.json")
+            same_config = config_file.exists() and json.loads(config_file.read_text()) == settings
+            config_file.write_text(json.dumps(settings, indent=1))
+            # Finished rows with the same settings are kept: an interrupted benchmark resumes. (Delete a row's
+            # files to rerun it after a code change.)
+            if not (result_file.exists() and same_config):
                 print(f"== {variant} (seed {seed}) ...", flush=True)
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "row", model,

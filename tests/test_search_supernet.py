@@ -28,6 +28,7 @@ from recbole_darec.search import (
     search_paths,
     str_to_arch,
 )
+from recbole_darec.search.supernet import validation_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 3
@@ -159,6 +160,22 @@ def test_search_bo_end_to_end_trains_the_best_architecture(isolated_run, tiny_da
         assert not any(key.startswith(f"adapters.{index}.") and f".{dropped}." in key for key in adapter_keys)
     supernet_checkpoint = compat.load_trusted_checkpoint(paths.supernet)
     assert supernet_checkpoint["config"]["supernet"] is True and supernet_checkpoint["epoch"] == 0
+
+
+def test_validation_subset_is_a_fixed_sample_of_validation_users(isolated_run, tiny_dataset, fast_config):
+    config, _, valid_data = load(darec_config(tiny_dataset, fast_config, isolated_run))
+    uid = valid_data._dataset.uid_field
+    all_users = valid_data._dataset.inter_feat[uid].tolist()
+    subset = validation_subset(valid_data, 7, seed=3)
+    users = subset._dataset.inter_feat[uid].tolist()
+    assert len(users) == 7 and set(users) <= set(all_users) and len(set(users)) == 7
+    assert validation_subset(valid_data, 7, seed=3)._dataset.inter_feat[uid].tolist() == users  # same draw
+    assert validation_subset(valid_data, None, seed=3) is valid_data
+    assert validation_subset(valid_data, 10_000, seed=3) is valid_data
+    batches = [batch for batch in subset]
+    assert sum(len(batch[0]) for batch in batches) == 7  # a working full-sort loader
+    with pytest.raises(ValueError, match="search_valid_users=-1"):
+        validation_subset(valid_data, -1, seed=3)
 
 
 def test_search_resumes_its_trial_log_and_reuses_the_supernet(isolated_run, tiny_dataset, fast_config, monkeypatch):

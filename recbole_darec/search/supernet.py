@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import init_seed, set_color
 
 from recbole_darec.compat import load_trusted_checkpoint
@@ -155,6 +157,23 @@ class Supernet:
         return value if self.config["valid_metric_bigger"] else -value
 
 
+def validation_subset(valid_data: Any, n_users: int | None, seed: int) -> Any:
+    """The validation loader cut to ``n_users`` users drawn once with ``seed`` (``search_valid_users``).
+
+    Every candidate is scored on the same users, so their ranking is a fair comparison; a few thousand users keep
+    a trial's validation pass affordable on a CPU. ~ or more users than there are: the whole loader.
+    """
+    dataset = valid_data._dataset
+    if not n_users or int(n_users) >= len(dataset):
+        return valid_data
+    if int(n_users) <= 0:
+        raise ValueError(f"search_valid_users={n_users}: must be positive, or ~ for every validation user.")
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(dataset), generator=generator)[: int(n_users)].sort().values
+    subset = dataset.copy(dataset.inter_feat[rows])
+    return FullSortEvalDataLoader(valid_data.config, subset, valid_data._sampler, shuffle=False)
+
+
 def supernet_config(config: Any) -> Any:
     """A copy of the run's Config for the supernet: ``supernet: True``, ``search_epochs`` epochs, no fixed
     architecture. A copy, because model and trainer keep the Config they were built with and RecBole pickles it
@@ -196,8 +215,9 @@ def search_architecture(
         # (a rerun after the final training failed) needs no supernet at all.
         supernet.ensure_trained()
 
+    scoring_data = validation_subset(valid_data, config["search_valid_users"], int(seed))
     result = run_search(
-        lambda arch: supernet.score(arch, valid_data),
+        lambda arch: supernet.score(arch, scoring_data),
         n_layers=supernet.n_layers,
         n_init=n_init,
         n_iter=n_iter,
