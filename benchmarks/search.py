@@ -1,0 +1,109 @@
+"""Architecture-search benchmark: BO vs random search of DARec's per-layer serial/parallel adapters.
+
+    python benchmarks/search.py --dataset=amazon-scientific --profile=cpu
+
+Settings: the profile's ``search`` variant (benchmarks/profiles/<profile>.yaml). One weight-sharing supernet is
+trained once and shared by both methods (same trial budget each); every candidate is scored by one validation pass
+on ``search_valid_users`` users. The best architecture of each method, all-serial and all-parallel are then
+evaluated on the full test set *with the supernet's weights* (one-shot evaluation, not retrained: the honest
+comparison of placements at a CPU budget). Writes search.md, search.json and the per-trial plot to ``--out``.
+Interrupted runs resume: trial logs, the supernet checkpoint and finished test evaluations are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from run import METRICS, ROOT, default_data_path, row_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="amazon-scientific")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--variant", default="search", help="the profile's variant holding the search settings")
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--data_path", default=None)
+    parser.add_argument("--out", default=None, help="default benchmarks/results/<dataset>-<profile>-search")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    profile = yaml.safe_load((ROOT / "benchmarks" / "profiles" / f"{args.profile}.yaml").read_text())
+    out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-{args.profile}-search").resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+    model, settings = row_config(profile, args.variant, args.seed, args.data_path or default_data_path(args.dataset),
+                                 out_dir, overrides)
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv
+
+    from recbole.utils import init_logger, init_seed
+
+    from recbole_darec.config import Config
+    from recbole_darec.quick_start import load_data
+    from recbole_darec.search import build_supernet, describe_arch, search_architecture, search_paths
+    from recbole_darec.search.trial_log import TrialLog
+
+    config = Config(model=model, dataset=args.dataset, config_dict=settings)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    _, train_data, valid_data, test_data = load_data(config)
+
+    summary_file = out_dir / "search.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    machine = platform.processor() or platform.machine()
+    summary.update({"dataset": args.dataset, "settings": settings, "machine": machine})
+
+    supernet_start = time.perf_counter()
+    supernet = build_supernet(config, train_data, search_paths(config, "bo").supernet)
+    supernet.ensure_trained()
+    summary.setdefault("supernet_seconds", time.perf_counter() - supernet_start)  # first run: the training
+    n_layers = supernet.n_layers
+
+    for method in ("bo", "random"):
+        best, _ = search_architecture(config, method, train_data, valid_data)
+        trials = TrialLog(search_paths(config, method).trial_log).read()
+        summary[method] = {"best_arch": best, "n_trials": len(trials),
+                           "trial_seconds": sum(t.seconds for t in trials),
+                           "best_valid": max(t.value for t in trials),
+                           "valid_per_trial": [t.value for t in trials]}
+
+    candidates = {"BO best": summary["bo"]["best_arch"], "random best": summary["random"]["best_arch"],
+                  "all serial": "s" * n_layers, "all parallel": "p" * n_layers}
+    tests = summary.setdefault("test", {})
+    for arch in dict.fromkeys(candidates.values()):
+        if arch in tests:
+            continue
+        supernet.model.set_adapter_arch([0 if c == "s" else 1 for c in arch])
+        start = time.perf_counter()
+        result = supernet.trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+        tests[arch] = {key: float(result[key]) for key in METRICS} | {"seconds": time.perf_counter() - start}
+        summary_file.write_text(json.dumps(summary, indent=1))
+    summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary_file.write_text(json.dumps(summary, indent=1))
+
+    lines = [f"Supernet: {n_layers} layers, trained {summary['supernet_seconds']:.0f} s. Trials scored on "
+             f"{config['search_valid_users'] or 'all'} validation users ({config['valid_metric']}).", "",
+             "| method | trials | best architecture | best valid | search s |", "|---|---|---|---|---|"]
+    for method in ("bo", "random"):
+        entry = summary[method]
+        lines.append(f"| {method} | {entry['n_trials']} | {describe_arch(entry['best_arch'])} | "
+                     f"{entry['best_valid']:.4f} | {entry['trial_seconds']:.0f} |")
+    lines += ["", "Test, full ranking, supernet weights with the architecture fixed (one-shot, not retrained):", "",
+              "| architecture | R@10 | N@10 | MRR@10 | R@50 | N@50 |", "|---|---|---|---|---|---|"]
+    for label, arch in candidates.items():
+        t = tests[arch]
+        lines.append(f"| {label} ({arch}) | {t['recall@10']:.4f} | {t['ndcg@10']:.4f} | {t['mrr@10']:.4f} | "
+                     f"{t['recall@50']:.4f} | {t['ndcg@50']:.4f} |")
+    (out_dir / "search.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
