@@ -502,3 +502,26 @@ def test_llm_side_weights_get_their_own_learning_rate(tmp_path, text_data, llm_l
     assert id(model.special_embeddings.weight) in llm_side and id(model.user_proj.weight) not in llm_side
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == llm_side | {id(p) for p in groups[0]["params"]}
+
+
+def test_fresh_items_per_step_caps_the_items_encoded_with_gradient(tmp_path, text_data):
+    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data,
+                                                                          fresh_items_per_step=3))
+    fresh_calls = []
+    original = model.encode_items
+
+    def record(items):
+        if torch.is_grad_enabled():  # the cache refresh encodes under no_grad
+            fresh_calls.append(items.tolist())
+        return original(items)
+
+    model.encode_items = record
+    model.train()
+    batch = first_batch(train_data)
+    losses = model.calculate_loss(batch)
+    sum(losses).backward()
+    assert len(fresh_calls) == 1 and len(fresh_calls[0]) == 3 and len(set(fresh_calls[0])) == 3
+    targets = set(batch[model.ITEM_SEQ][batch[model.ITEM_SEQ] > 0].tolist())
+    assert set(fresh_calls[0]) <= targets | set(batch[model.POS_ITEM_ID].tolist())
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())

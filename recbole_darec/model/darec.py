@@ -43,6 +43,7 @@ class DARec(SequentialRecommender):
         self.use_item_id = bool(config["use_item_id"])
         self.item_cache_refresh = int(config["item_cache_refresh"])
         self.item_encode_batch_size = int(config["item_encode_batch_size"])
+        self.fresh_items_per_step = int(config["fresh_items_per_step"] or 0)
         self.supernet = bool(config["supernet"])
         self.USER_ID = config["USER_ID_FIELD"]
         self.llm_learning_rate = config["llm_learning_rate"]
@@ -319,9 +320,18 @@ class DARec(SequentialRecommender):
         loss_next = F.cross_entropy(logits, next_items)
         # 2) the batch's target items encoded afresh: gradient reaches the item side through the adapters.
         batch_items, target_in_batch = torch.unique(next_items, return_inverse=True)
+        fresh_users = user_vecs
+        if self.fresh_items_per_step and len(batch_items) > self.fresh_items_per_step:
+            # Encoding every distinct target about doubles a step's LLM tokens; a random subset of them (and the
+            # positions that predict one) keeps the item-side gradient at a fraction of the cost.
+            keep = torch.randperm(len(batch_items), device=batch_items.device)[: self.fresh_items_per_step]
+            new_index = torch.full_like(batch_items, -1)
+            new_index[keep] = torch.arange(len(keep), device=keep.device)
+            batch_items, target_in_batch = batch_items[keep], new_index[target_in_batch]
+            fresh_users, target_in_batch = user_vecs[target_in_batch >= 0], target_in_batch[target_in_batch >= 0]
         fresh_states, align_states = self.encode_items(batch_items)
-        fresh_vecs = self.item_vectors(fresh_states, batch_items)  # (N_batch, D)
-        loss_next = loss_next + F.cross_entropy(self.score(user_vecs, fresh_vecs), target_in_batch)
+        fresh_vecs = self.item_vectors(fresh_states, batch_items)  # (N_fresh, D)
+        loss_next = loss_next + F.cross_entropy(self.score(fresh_users, fresh_vecs), target_in_batch)
         losses = [loss_next]
         if self.lambda_align > 0:
             # [ALIGN] state of an item's text vs. its ID embedding: the text and ID spaces describe the same item.
