@@ -17,6 +17,7 @@ import torch
 from conftest import TINY_USERS, assert_protocol_metrics
 from darec_testing import (
     BACKBONES,
+    TINY_LLM,
     build,
     clone_state,
     darec_settings,
@@ -140,6 +141,23 @@ def test_context_mask_reaches_the_backbone(tmp_path, text_data, llm_path, contex
     # Item 1's earlier tokens (positions 1 .. last_text-1) see its last token only under context masking.
     assert (moved[1:last_text] > 1e-4).all() == context_masking, moved
     assert moved[0] == 0  # [CF_USER] sees only itself in both modes
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_context_masking_changes_item_boundary_states_only_from_two_layers(tmp_path, text_data, n_layers):
+    # In one layer an [ITEM] state attends to input embeddings only, and the [ITEM] (last token of its block) sees
+    # the same tokens under both masks: DARec and DARecbase coincide, which is why the masking ablation of the
+    # benchmarks uses 2 layers. From the second layer on, it reads tokens that saw their whole item.
+    boundary_states = {}
+    for context_masking in (True, False):
+        config = dict(llm_random_config={**TINY_LLM, "num_hidden_layers": n_layers}, context_masking=context_masking)
+        _, model, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data, **config))
+        model.eval()
+        distinct_texts(model)
+        with torch.no_grad():
+            boundary_states[context_masking] = model.encode_sequences(torch.tensor([[3, 9, 12]]), torch.tensor([3]))
+    same = torch.allclose(boundary_states[True], boundary_states[False], atol=1e-6)
+    assert same == (n_layers == 1)
 
 
 # --------------------------------------------------------------------------- (b) one epoch, both families
