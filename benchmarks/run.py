@@ -37,6 +37,14 @@ def default_data_path(dataset: str) -> str | None:
     return None
 
 
+def load_profile(name: str) -> dict:
+    """``benchmarks/profiles/<name>.yaml``, or a yaml file given by its path."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "benchmarks" / "profiles" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--profile: {path} not found")
+    return yaml.safe_load(path.read_text())
+
+
 def row_config(profile: dict, variant: str, seed: int, data_path: str | None, out_dir: Path,
                overrides: dict) -> tuple[str, dict]:
     if variant not in profile["variants"]:
@@ -135,11 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="amazon-scientific")
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated variants of the profile")
-    parser.add_argument("--profile", default="cpu", help="benchmarks/profiles/<name>.yaml")
+    parser.add_argument("--profile", default="cpu", help="benchmarks/profiles/<name>.yaml, or a yaml file's path")
     parser.add_argument("--seeds", default="2020", help="comma-separated seeds; each row runs once per seed")
     parser.add_argument("--data_path", default=None, help="folder holding <dataset>/ (default: dataset/ or shared)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<dataset>-<profile>)")
     parser.add_argument("--speed", action="store_true", help="also measure DARec's speed figures")
+    parser.add_argument("--speed_only", action="store_true",
+                        help="measure the speed figures of --models without training rows (writes speed.md)")
     parser.add_argument("--reference", default="SASRec", help="variant the significance marks compare against")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting in every row (yaml value), e.g. --set epochs=1")
@@ -153,8 +163,8 @@ def main() -> None:
         (run_speed if kind == "speed" else run_row)(model, args.dataset, settings, Path(result_file))
         return
 
-    profile = yaml.safe_load((ROOT / "benchmarks" / "profiles" / f"{args.profile}.yaml").read_text())
-    out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-{args.profile}").resolve()
+    profile = load_profile(args.profile)
+    out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-{Path(args.profile).stem}").resolve()
     (out_dir / "rows").mkdir(parents=True, exist_ok=True)
     data_path = args.data_path or default_data_path(args.dataset)
     variants = [v.strip() for v in args.models.split(",") if v.strip()]
@@ -165,7 +175,7 @@ def main() -> None:
         overrides[key] = yaml.safe_load(value)
 
     rows = []
-    for seed in seeds:
+    for seed in ([] if args.speed_only else seeds):
         for variant in variants:
             model, settings = row_config(profile, variant, seed, data_path, out_dir, overrides)
             stem = out_dir / "rows" / f"{variant}-seed{seed}"
@@ -187,7 +197,7 @@ def main() -> None:
             rows.append({"variant": variant, "seed": seed, "config": settings, **row})
 
     speed = {}
-    if args.speed:
+    if args.speed or args.speed_only:
         for variant in variants:
             model, settings = row_config(profile, variant, seeds[0], data_path, out_dir, overrides)
             if not model.startswith("DARec"):
@@ -205,18 +215,24 @@ def main() -> None:
               f"{os.cpu_count()} CPU cores, {platform.python_version()}.\n"
               f"Command: python benchmarks/run.py --dataset={args.dataset} --models={args.models} "
               f"--profile={args.profile} --seeds={args.seeds}{' --speed' if args.speed else ''}"
+              f"{' --speed_only' if args.speed_only else ''}"
               + "".join(f" --set {item}" for item in args.set) + "\n\n")
-    text = header + markdown(table, args.reference)
+    speed_text = ""
     if speed:
-        text += ("\nSpeed (one training batch; ratio = DARec step / plain backbone forward+backward on the same "
-                 "tokens)\n\n")
-        text += "| model | batch users | batch tokens | DARec step s | plain step s | ratio | item refresh s | " \
-                "tokens/epoch all-position | tokens/epoch per-prefix | eval ms/user |\n" + "|---" * 10 + "|\n"
+        speed_text += ("\nSpeed (one training batch; ratio = DARec step / plain backbone forward+backward on the same "
+                       "tokens)\n\n")
+        speed_text += "| model | batch users | batch tokens | DARec step s | plain step s | ratio | item refresh s | " \
+                      "tokens/epoch all-position | tokens/epoch per-prefix | eval ms/user |\n" + "|---" * 10 + "|\n"
         for variant, s in speed.items():
-            text += (f"| {variant} | {s['batch_users']} | {s['batch_tokens']} | {s['darec_step_s']:.2f} | "
-                     f"{s['plain_step_s']:.2f} | {s['step_ratio']:.2f} | {s['item_cache_refresh_s']:.1f} | "
-                     f"{s['tokens_per_epoch_all_position']:,} | {s['tokens_per_epoch_per_prefix']:,} | "
-                     f"{s['eval_ms_per_user']:.2f} |\n")
+            speed_text += (f"| {variant} | {s['batch_users']} | {s['batch_tokens']} | {s['darec_step_s']:.2f} | "
+                           f"{s['plain_step_s']:.2f} | {s['step_ratio']:.2f} | {s['item_cache_refresh_s']:.1f} | "
+                           f"{s['tokens_per_epoch_all_position']:,} | {s['tokens_per_epoch_per_prefix']:,} | "
+                           f"{s['eval_ms_per_user']:.2f} |\n")
+    if args.speed_only:
+        (out_dir / "speed.md").write_text(header + speed_text)
+        print(header + speed_text)
+        return
+    text = header + markdown(table, args.reference) + speed_text
     (out_dir / "results.md").write_text(text)
     (out_dir / "runs.json").write_text(json.dumps(rows, indent=1, default=float))
     (out_dir / "speed.json").write_text(json.dumps(speed, indent=1))

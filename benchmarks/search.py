@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
-from run import METRICS, ROOT, default_data_path, row_config
+from run import METRICS, ROOT, default_data_path, load_profile, row_config
 
 
 def main() -> None:
@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
-    profile = yaml.safe_load((ROOT / "benchmarks" / "profiles" / f"{args.profile}.yaml").read_text())
-    out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-{args.profile}-search").resolve()
+    profile = load_profile(args.profile)
+    out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-{Path(args.profile).stem}-search")
+    out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
     model, settings = row_config(profile, args.variant, args.seed, args.data_path or default_data_path(args.dataset),

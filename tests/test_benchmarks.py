@@ -1,0 +1,79 @@
+"""The benchmark scripts end to end on the tiny fixture: rows, report files, resume, speed figures, search.
+
+Each row runs in a child process (as in a real benchmark) with a tiny random backbone and one epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import TINY_DATASET
+from darec_testing import TINY_LLM
+
+REPO = Path(__file__).resolve().parents[1]
+DAREC_TINY = {"llm_path": "random:llama", "llm_random_config": TINY_LLM, "item_max_tokens": 8,
+              "MAX_ITEM_LIST_LENGTH": 6, "rec_dim": 32, "adapter_size": 8, "hard_negatives": 3, "epochs": 1,
+              "train_batch_size": 64}
+
+
+def write_profile(folder: Path) -> Path:
+    profile = {
+        "common": {"show_progress": False, "eval_batch_size": 256, "worker": 0},
+        "variants": {
+            "SASRec": {"model": "SASRec", "epochs": 1, "train_batch_size": 64, "hidden_size": 16, "inner_size": 32},
+            "DARec": {"model": "DARec", **DAREC_TINY},
+            "search": {"model": "DARec", **DAREC_TINY, "search_epochs": 1, "search_n_init": 2, "search_n_iter": 1,
+                       "search_valid_users": 10},
+        },
+    }
+    path = folder / "tiny-profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_run_writes_the_report_keeps_finished_rows_and_measures_speed(tmp_path, tiny_dataset):
+    profile, out = write_profile(tmp_path), tmp_path / "out"
+    common = ["--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile), "--out", str(out)]
+    run_script("run.py", *common, "--models", "SASRec,DARec", "--speed", cwd=tmp_path)
+    for name in ("results.md", "results.csv", "runs.json", "ndcg_recall.png", "speed.json"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "runs.json").read_text())
+    assert [row["variant"] for row in rows] == ["SASRec", "DARec"]
+    assert all(0 <= row["test_result"]["ndcg@10"] <= 1 and row["peak_rss_mb"] > 0 for row in rows)
+    speed = json.loads((out / "speed.json").read_text())["DARec"]
+    assert speed["step_ratio"] > 0 and speed["tokens_per_epoch_per_prefix"] > speed["tokens_per_epoch_all_position"]
+    table = (out / "results.md").read_text()
+    assert "| SASRec | 1 |" in table and "| DARec | 1 |" in table and "Speed" in table
+
+    # A second call keeps finished rows with unchanged settings and reruns a row whose settings changed.
+    row_file = out / "rows" / "SASRec-seed2020.json"
+    before = row_file.read_text()
+    done = run_script("run.py", *common, "--models", "SASRec", cwd=tmp_path)
+    assert "== SASRec" not in done.stdout and row_file.read_text() == before
+    done = run_script("run.py", *common, "--models", "SASRec", "--set", "hidden_size=8", cwd=tmp_path)
+    assert "== SASRec" in done.stdout
+
+
+def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny_dataset):
+    profile, out = write_profile(tmp_path), tmp_path / "out"
+    run_script("search.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile),
+               "--out", str(out), cwd=tmp_path)
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["bo"]["n_trials"] == summary["random"]["n_trials"] == 3
+    tested = set(summary["test"])
+    assert {"ss", "pp", summary["bo"]["best_arch"], summary["random"]["best_arch"]} == tested
+    report = (out / "search.md").read_text()
+    assert "all serial (ss)" in report and "all parallel (pp)" in report
