@@ -165,7 +165,7 @@ class DARec(SequentialRecommender):
         return [{"params": heads}, llm_group] if llm_side else [{"params": heads}]
 
     def training_state(self) -> dict:
-        """What the next training step reads besides the state dict: the item-state cache and its step counter.
+        """What the next training step reads besides the state dict: the item-state cache and its refresh cursor.
         The trainer's resume checkpoint stores it, so a resumed run takes the same steps as an uninterrupted one."""
         cache = self.item_state_cache
         return {"item_state_cache": None if cache is None else cache.detach().cpu(),
