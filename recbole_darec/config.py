@@ -39,6 +39,12 @@ class Config(RecBoleConfig):
                 raise KeyError("dataset must be given: --dataset=<name>, a config file or config_dict['dataset']")
         return model_name, model_class, dataset
 
+    def _convert_config_dict(self, config_dict):
+        # The yaml files write "no value" as ~ (llm_layers: ~, cf_model: ~); RecBole's conversion of command-line
+        # strings only knows None, so --llm_layers=~ arrived as the string "~" and failed deep in the model.
+        config_dict = super()._convert_config_dict(config_dict)
+        return {key: None if value in ("~", "null") else value for key, value in config_dict.items()}
+
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         layers = [PROPERTIES_DIR / "overall.yaml"]
