@@ -77,3 +77,13 @@ def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny
     assert {"ss", "pp", summary["bo"]["best_arch"], summary["random"]["best_arch"]} == tested
     report = (out / "search.md").read_text()
     assert "all serial (ss)" in report and "all parallel (pp)" in report
+
+
+def test_diagnose_prints_losses_collapse_statistics_and_a_validation_estimate(tmp_path, tiny_dataset):
+    profile = write_profile(tmp_path)
+    done = run_script("diagnose.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile",
+                      str(profile), "--steps", "3", "--every", "2", "--valid_users", "20", cwd=tmp_path)
+    lines = done.stdout.strip().splitlines()
+    steps = [line for line in lines if line.startswith("step")]
+    assert len(steps) == 2 and "users cos" in steps[0] and "items cos" in steps[0]
+    assert lines[-1].startswith("valid users 20: Recall@10")
