@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
-from run import default_data_path, load_profile, row_config
+from run import default_data_path, load_profile, parse_overrides, row_config
 
 
 def mean_cosine(vectors: torch.Tensor) -> float:
@@ -40,7 +39,7 @@ def main() -> None:
     parser.add_argument("--valid_users", type=int, default=2048)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+    overrides = parse_overrides(args.set)
     model_name, settings = row_config(load_profile(args.profile), args.variant, 2020,
                                       args.data_path or default_data_path(args.dataset),
                                       Path(tempfile.gettempdir()) / "darec-diagnose", overrides)

@@ -45,6 +45,11 @@ def load_profile(name: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` flags as settings, each value read as yaml (``~`` = None, ``[1, 2]`` = a list)."""
+    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
+
+
 def row_config(profile: dict, variant: str, seed: int, data_path: str | None, out_dir: Path,
                overrides: dict) -> tuple[str, dict]:
     if variant not in profile["variants"]:
@@ -169,10 +174,7 @@ def main() -> None:
     data_path = args.data_path or default_data_path(args.dataset)
     variants = [v.strip() for v in args.models.split(",") if v.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_overrides(args.set)
 
     rows = []
     for seed in ([] if args.speed_only else seeds):

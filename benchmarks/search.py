@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from run import METRICS, ROOT, default_data_path, load_profile, row_config
+from run import METRICS, ROOT, default_data_path, load_profile, parse_overrides, row_config
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
     out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-{Path(args.profile).stem}-search")
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+    overrides = parse_overrides(args.set)
     model, settings = row_config(profile, args.variant, args.seed, args.data_path or default_data_path(args.dataset),
                                  out_dir, overrides)
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv
@@ -68,7 +67,7 @@ def main() -> None:
     n_layers = supernet.n_layers
 
     for method in ("bo", "random"):
-        best, _ = search_architecture(config, method, train_data, valid_data)
+        best, _ = search_architecture(config, method, train_data, valid_data, supernet)
         trials = TrialLog(search_paths(config, method).trial_log).read()
         summary[method] = {"best_arch": best, "n_trials": len(trials),
                            "trial_seconds": sum(t.seconds for t in trials),

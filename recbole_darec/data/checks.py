@@ -69,15 +69,15 @@ def check_inter_file(config) -> None:
         header_line = handle.readline().rstrip("\r\n")
         header = [cell.split(":", 1) for cell in header_line.split(separator)]
         names = [cell[0].strip() for cell in header]
-        for name, setting in _needed_columns(config).items():
+        needed = _needed_columns(config)
+        for name, setting in needed.items():
             if name not in names:
                 raise ValueError(
                     f"{inter_file}, line 1: no '{name}' column (needed by {setting}) in the header "
                     f"{header_line!r}; add the column, or point {setting} at a column that exists."
                 )
-        loaded = set(_needed_columns(config))
         float_columns = [(index, name) for index, (name, *kind) in enumerate(header)
-                         if kind and kind[0].strip() == "float" and name in loaded]
+                         if kind and kind[0].strip() == "float" and name in needed]
         rows = 0
         for line_number, line in enumerate(handle, start=2):
             if not line.strip():

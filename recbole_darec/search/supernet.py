@@ -190,13 +190,14 @@ def build_supernet(config: Any, train_data: Any, checkpoint: str | os.PathLike[s
 
 
 def search_architecture(
-    config: Any, method: str | None = None, train_data: Any = None, valid_data: Any = None
+    config: Any, method: str | None = None, train_data: Any = None, valid_data: Any = None,
+    supernet: Supernet | None = None,
 ) -> tuple[str, SearchResult]:
     """Search the per-layer serial/parallel choice of DARec's adapters; returns (best arch string, result).
 
     ``method``: ``bo`` or ``random`` (default: ``config['search']``). Without data loaders they are built from
     ``config``. Trials go to ``<checkpoint_dir>/<model>-<dataset>-search-<method>.jsonl``; an existing log is
-    continued, not restarted.
+    continued, not restarted. ``supernet``: one already built for this config (default: built here).
     """
     method = str(method or config["search"]).lower()
     if method not in METHODS:
@@ -207,7 +208,8 @@ def search_architecture(
         _, train_data, valid_data, _ = load_data(config)
     paths = search_paths(config, method)
     paths.trial_log.parent.mkdir(parents=True, exist_ok=True)
-    supernet = build_supernet(config, train_data, paths.supernet)
+    if supernet is None:  # callers running several searches pass one, so the backbone is loaded once
+        supernet = build_supernet(config, train_data, paths.supernet)
     seed = config["search_seed"] if config["search_seed"] is not None else config["seed"]
     n_init, n_iter = int(config["search_n_init"]), int(config["search_n_iter"])
     if len(TrialLog(paths.trial_log).read()) < min(n_init + n_iter, 2**supernet.n_layers):
