@@ -55,6 +55,8 @@ def darec_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
         "data_path": data_path,
         "llm_path": "random:llama",
         "llm_random_config": dict(TINY_LLM),
+        # The token-level layout (the paper's); tests of the item-level mode (the default) set it themselves.
+        "history_input": "tokens",
         "item_max_tokens": 8,
         "MAX_ITEM_LIST_LENGTH": 6,
         "item_text_cache_dir": str(tmp_path / "item_text_cache"),

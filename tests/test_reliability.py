@@ -154,7 +154,7 @@ def test_recommend_function_and_cli(trained_checkpoint, tmp_path):
     assert len(rows) == 5
     assert all(isinstance(t, str) and isinstance(s, str) and isinstance(v, float) for t, s, v in rows)
     assert [v for *_, v in rows] == sorted((v for *_, v in rows), reverse=True)
-    assert rows[0][1].startswith("n: ")  # the item's sentence from the .item file
+    assert rows[0][1] == f"{int(rows[0][0][1:])}c{int(rows[0][0][1:]) % 5}"  # the item's text from the .item file
     excluded = recommender.recommend(history, topk=60, exclude_history=True)
     assert not {t for t, *_ in excluded} & set(history)
     assert len(excluded) == 60 - len(history)
@@ -253,11 +253,12 @@ def test_item_file_bad_rows_warn_with_counts(tmp_path, caplog):
         b'i6\t12" "ruler\n'  # quotes are text
     )
     with caplog.at_level(logging.WARNING):
-        sentences = read_item_sentences(str(item_file), "item_id")
+        sentences = read_item_sentences(str(item_file), "item_id", with_keys=True)
     assert sentences["i1"] == "title: good title" and sentences["i6"] == 'title: 12" "ruler'
     assert "bad" in sentences["i2"] and sentences["i3"] == sentences["i5"] == "" and sentences["i4"] == "title: title"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
+    assert read_item_sentences(str(item_file), "item_id")["i1"] == "good title"  # the compact default
     assert "1 row(s) non-UTF-8" in warnings[0] and "2 row(s) wrong column count" in warnings[0]
     assert "1 row(s) duplicate item rows" in warnings[0] and str(item_file) in warnings[0]
     assert "2 row(s) with no text (empty or NaN)" in warnings[0]

@@ -14,9 +14,10 @@ from recbole_darec.data.item_text import align_item_sentences, read_item_sentenc
 class DARecDataset(SequentialDataset):
     """RecBole's SequentialDataset with two changes for an LLM model.
 
-    - Training keeps one row per user: the longest training prefix plus its target, i.e. the user's whole training
-      sequence. The model puts a loss at every item boundary (all-position next-item prediction), which gives the
-      same signal as RecBole's per-prefix rows while running the LLM once per user instead of once per prefix.
+    - Training keeps one row per user and window: the longest training prefix plus its target, i.e. the user's whole
+      training sequence, and for histories longer than ``MAX_ITEM_LIST_LENGTH`` the earlier windows too. The model
+      puts a loss at every item boundary (all-position next-item prediction), which gives the same signal as
+      RecBole's per-prefix rows while running the LLM once per window instead of once per prefix.
       Valid and test rows are RecBole's leave-one-out rows, unchanged.
     - ``item_sentences[i]`` is the raw attribute sentence of internal item id ``i`` (read from the ``.item`` file
       directly, see item_text.py); "" for padding, items without a row, and datasets without an ``.item`` file.
@@ -25,9 +26,12 @@ class DARecDataset(SequentialDataset):
     def __init__(self, config):
         super().__init__(config)
         item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+        if config["item_text_format"] not in (None, "values", "key_value"):
+            raise ValueError(f"item_text_format={config['item_text_format']!r}: expected values or key_value.")
         if os.path.isfile(item_file):
             sentences = read_item_sentences(item_file, self.iid_field, config["item_text_fields"],
-                                            config["field_separator"] or "\t")
+                                            config["field_separator"] or "\t",
+                                            with_keys=config["item_text_format"] == "key_value")
         else:
             self.logger.warning(f"{item_file} not found: items have no text (their ID and CF signal still work).")
             sentences = {}
@@ -39,12 +43,25 @@ class DARecDataset(SequentialDataset):
         # Every training (user, item) pair, taken before the rows are cut to one per user: a last row holds at most
         # MAX_ITEM_LIST_LENGTH items, and the CF model of cf_injection.py must see all training interactions.
         train._training_pairs = self._all_training_pairs(train.inter_feat)
-        user_ids = train.inter_feat[self.uid_field].numpy()
-        # Rows of one user are in time order, so the last row of each user holds the longest training prefix.
-        _, first_from_end = np.unique(user_ids[::-1], return_index=True)
-        last_rows = np.sort(len(user_ids) - 1 - first_from_end)
-        train.inter_feat = train.inter_feat[torch.from_numpy(last_rows)]
+        train.inter_feat = train.inter_feat[torch.from_numpy(self.window_rows(train.inter_feat[self.uid_field]))]
         return datasets
+
+    def window_rows(self, user_ids: torch.Tensor) -> np.ndarray:
+        """Indices of the augmented rows to keep: each user's last row, and every ``MAX_ITEM_LIST_LENGTH``-th row
+        before it.
+
+        Row r of a user predicts the target at position r + 1 from the (up to) L items before it; the model puts a
+        loss at every position of a row, so a row covers the L targets up to its own. Rows L apart therefore cover
+        every training target of a long history exactly once (one row per user would drop all but the last L).
+        """
+        user_ids = user_ids.numpy()
+        window = int(self.config["MAX_ITEM_LIST_LENGTH"])
+        # Rows of one user are consecutive and in time order; distance from the user's last row:
+        _, first_from_end = np.unique(user_ids[::-1], return_index=True)
+        _, inverse = np.unique(user_ids, return_inverse=True)
+        last_of_user = (len(user_ids) - 1 - first_from_end)[inverse]
+        steps_before_last = last_of_user - np.arange(len(user_ids))
+        return np.flatnonzero(steps_before_last % window == 0)
 
     def _all_training_pairs(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         # RecBole's augmented rows (sorted by user, then time): each row's target, plus the first item of each

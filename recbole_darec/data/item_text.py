@@ -24,8 +24,10 @@ def _field_name(header_cell: str) -> str:
 
 
 def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequence[str] | None = None,
-                        separator: str = "\t") -> dict[str, str]:
-    """Map each raw item token of ``item_file`` to its sentence ``"key: value; key: value"``.
+                        separator: str = "\t", with_keys: bool = False) -> dict[str, str]:
+    """Map each raw item token of ``item_file`` to its sentence: ``"value. value"``, or ``"key: value; key: value"``
+    with ``with_keys``. Field names cost tokens of a short budget ("movie_title: " is 5 SmolLM2 tokens) and say
+    nothing that tells two items apart, so the compact form is the default.
 
     ``text_fields`` fixes the order (missing columns are skipped); by default every column but the id, and
     ``text`` only when it is the sole text column (it usually repeats the others). Bad rows are counted and
@@ -63,8 +65,12 @@ def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequenc
                 issues["duplicate item rows"] += 1
                 continue
             values = [(name, cells[col].strip()) for name, col in used]
-            parts = [f"{name}: {value}" for name, value in values if value and value not in MISSING_TEXT]
-            sentences[token] = "; ".join(parts)
+            values = [(name, value) for name, value in values if value and value not in MISSING_TEXT]
+            if with_keys:
+                sentences[token] = "; ".join(f"{name}: {value}" for name, value in values)
+            else:
+                sentences[token] = ". ".join(value.rstrip(". ") or value for _, value in values)
+            parts = values
             issues["with no text (empty or NaN)"] += not parts
     bad = {kind: count for kind, count in issues.items() if count}
     if bad:

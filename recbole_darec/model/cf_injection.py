@@ -240,16 +240,23 @@ class CFInjection(nn.Module):
         tensor that needs grad.
         """
         hidden = inputs_embeds.shape[-1]
-        user_vecs, item_vecs = self._vectors(user_ids, seq_items.reshape(-1))
-        item_add = self.item_projection(item_vecs).view(*seq_items.shape, hidden)  # (B, L, H)
-        item_add = torch.where(slot_valid[..., None], item_add, 0.0).to(inputs_embeds.dtype)
+        user_token, item_add = self.vectors(user_ids, seq_items, slot_valid)
         index = boundary_positions[..., None].expand(-1, -1, hidden)
         # Empty slots point at position 0 with a zero addition; position 0 is replaced below anyway.
-        embeds = inputs_embeds.scatter_add(1, index, item_add)
-        if user_ids is None:
+        embeds = inputs_embeds.scatter_add(1, index, item_add.to(inputs_embeds.dtype))
+        if user_token is None:
             return embeds
-        user_token = self.user_projection(user_vecs).to(inputs_embeds.dtype)  # (B, H)
-        return torch.cat([user_token[:, None], embeds[:, 1:]], dim=1)
+        return torch.cat([user_token[:, None].to(inputs_embeds.dtype), embeds[:, 1:]], dim=1)
+
+    def vectors(self, user_ids: torch.Tensor | None, seq_items: torch.Tensor,
+                slot_valid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(user vector (B, H) or None without user ids, item vectors (B, L, H), zero in empty slots), projected
+        to the LLM's hidden size."""
+        user_vecs, item_vecs = self._vectors(user_ids, seq_items.reshape(-1))
+        item_add = self.item_projection(item_vecs).view(*seq_items.shape, -1)  # (B, L, H)
+        item_add = torch.where(slot_valid[..., None], item_add, 0.0)
+        user_token = None if user_ids is None else self.user_projection(user_vecs)
+        return user_token, item_add
 
     # ----- L_cf ---------------------------------------------------------------------------------------------
     def _is_training_pair(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

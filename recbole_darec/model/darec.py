@@ -23,6 +23,7 @@ from torch import nn
 from recbole_darec.data.item_text import cached_item_tokens
 from recbole_darec.model.adapters import attach_adapters, parse_adapter_arch, set_architecture
 from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.item_states import cached_item_text_states, drop_lower_layers, pca_whitening
 from recbole_darec.model.layout import SpecialTokens, pack_items, pack_sequences
 from recbole_darec.model.losses import cooccurrence_matrix, hard_negative_loss, info_nce, mine_hard_negatives
 from recbole_darec.model.masks import attention_mask
@@ -47,6 +48,11 @@ class DARec(SequentialRecommender):
         self.supernet = bool(config["supernet"])
         self.USER_ID = config["USER_ID_FIELD"]
         self.llm_learning_rate = config["llm_learning_rate"]
+        self.history_input = config["history_input"] or "tokens"
+        if self.history_input not in ("tokens", "items"):
+            raise ValueError(f"history_input={self.history_input!r}: expected tokens (every layer reads every token "
+                             "of the history, as in the paper) or items (lower layers read each item alone, top "
+                             "layers read one vector per item).")
         for key in ("adapter_size", "train_batch_size", "learning_rate", "llm_learning_rate"):
             if config[key] is not None and config[key] <= 0:
                 raise ValueError(f"{key}={config[key]}: must be positive (set it in properties/model/DARec.yaml "
@@ -65,6 +71,10 @@ class DARec(SequentialRecommender):
         )
         self.register_buffer("item_token_ids", token_ids, persistent=False)
         self.register_buffer("item_token_len", token_len, persistent=False)
+
+        if self.history_input == "items":
+            self._build_item_level(config, hidden_size)
+            self.n_llm_layers = len(self.backbone.layers)  # the top layers only: adapters and search live there
 
         vocab = self.backbone.vocab_size
         self.special = SpecialTokens(item=vocab, align=vocab + 1, cf_user=vocab + 2)
@@ -96,9 +106,16 @@ class DARec(SequentialRecommender):
         # Recommendation heads.
         rec_dim = int(config["rec_dim"])
         self.user_proj = nn.Linear(hidden_size, rec_dim)
-        self.item_proj = nn.Linear(hidden_size, rec_dim)
+        text_dim = self.whitening.shape[1] if self.history_input == "items" else hidden_size
+        self.item_proj = nn.Linear(text_dim, rec_dim)
         self.item_id_embedding = nn.Embedding(self.n_items, rec_dim, padding_idx=0)
         nn.init.normal_(self.item_id_embedding.weight, std=0.02)
+        if self.history_input == "items":
+            # The history's item-ID vectors enter the top layers through this map; zero at the start, so an
+            # untrained model reads exactly the backbone's own item states.
+            self.id_to_hidden = nn.Linear(rec_dim, hidden_size, bias=False)
+            nn.init.zeros_(self.id_to_hidden.weight)
+            self.dropout = nn.Dropout(float(config["dropout_prob"] or 0.0))
 
         self.cf_injection = None
         if config["cf_model"]:
@@ -109,6 +126,11 @@ class DARec(SequentialRecommender):
         # Training sequences of this (training) dataset, for hard-negative mining (co-occurrence).
         sequences, lengths = dataset.training_sequences()
         self._training_sequences = (sequences, lengths)
+        # An item that never occurs in training has an ID embedding that only ever served as a negative: it would
+        # bury exactly the items that only their text can find. Such items are scored by their text alone.
+        seen = torch.zeros(self.n_items, dtype=torch.bool)
+        seen[sequences[sequences > 0]] = True
+        self.register_buffer("item_id_known", seen, persistent=False)
         self.register_buffer("hard_negatives", torch.zeros(self.n_items, max(self.n_hard_negatives, 1),
                                                             dtype=torch.long))
         self.register_buffer("hard_negatives_ready", torch.zeros((), dtype=torch.bool))
@@ -125,6 +147,27 @@ class DARec(SequentialRecommender):
         total = sum(p.numel() for p in self.parameters())
         self.logger.info(f"DARec parameters: trainable {trainable:,} / total {total:,} "
                          f"({100 * trainable / total:.2f}%), backbone {self.backbone.name}")
+
+    def _build_item_level(self, config, hidden_size: int) -> None:
+        """``history_input: items``: run the lower layers once per item, keep only the top ``sequence_layers``."""
+        n_layers = len(self.backbone.layers)
+        sequence_layers = int(config["sequence_layers"] or 0)
+        if not 0 < sequence_layers < n_layers:
+            raise ValueError(f"sequence_layers={config['sequence_layers']}: with history_input: items it must be "
+                             f"between 1 and {n_layers - 1} (the backbone keeps {n_layers} layers: llm_layers).")
+        self.n_item_layers = n_layers - sequence_layers
+        states, first = cached_item_text_states(
+            self.backbone, self.item_token_ids.cpu(), self.item_token_len.cpu(), self.n_item_layers,
+            self.context_masking, config["item_text_cache_dir"], self.item_encode_batch_size,
+            bf16=bool(config["item_encode_bf16"]),
+        )
+        drop_lower_layers(self.llm, self.n_item_layers)
+        # Item states from text alone (no interaction data), so whitening them leaks nothing.
+        mean, projection = pca_whitening(states[1:], int(config["whiten_dim"] or hidden_size))
+        self.register_buffer("item_text_states", states, persistent=False)  # (n_items, H), frozen
+        self.register_buffer("first_token_state", first, persistent=False)  # (H,)
+        self.register_buffer("whitening_mean", mean, persistent=False)
+        self.register_buffer("whitening", projection, persistent=False)  # (H, whiten_dim)
 
     # ----- checkpoints hold what trains, not the frozen backbone -----------------------------------------------
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
@@ -192,8 +235,11 @@ class DARec(SequentialRecommender):
         special = self.special_embeddings((input_ids - vocab).clamp(min=0))
         return torch.where(is_special[..., None], special.to(words.dtype), words)
 
-    def _run_llm(self, inputs_embeds: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask(block_ids, self.context_masking, inputs_embeds.dtype)  # (B, 1, T, T)
+    def _run_llm(self, inputs_embeds: torch.Tensor, block_ids: torch.Tensor,
+                 context_masking: bool | None = None) -> torch.Tensor:
+        if context_masking is None:
+            context_masking = self.context_masking
+        mask = attention_mask(block_ids, context_masking, inputs_embeds.dtype)  # (B, 1, T, T)
         position_ids = torch.arange(block_ids.shape[1], device=block_ids.device).expand_as(block_ids)
         output = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
                           use_cache=False)
@@ -210,6 +256,33 @@ class DARec(SequentialRecommender):
         hidden = self._run_llm(inputs_embeds, packed.block_ids)
         index = packed.boundary_positions[..., None].expand(-1, -1, hidden.shape[-1])
         return hidden.gather(1, index)  # (B, L, H)
+
+    def encode_item_histories(self, seq_items: torch.Tensor, seq_len: torch.Tensor,
+                              user_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Item-level mode: user states after each item, (B, L, H), from the top layers over one vector per item.
+
+        Input row: ``[first] ([CF_USER]) item_1 ... item_L``, item k = its cached text state (the lower layers'
+        output) plus its ID vector mapped into the LLM (and its CF vector). A fixed first token takes the
+        attention-sink position of a pre-norm decoder, so no item or user vector has to sit there.
+        """
+        batch, n_slots = seq_items.shape
+        slot_valid = torch.arange(n_slots, device=seq_items.device)[None, :] < seq_len[:, None]  # (B, L)
+        items = self.item_text_states[seq_items]  # (B, L, H)
+        if self.use_item_id:
+            items = items + self.id_to_hidden(self.known_item_ids(seq_items))
+        prefix = [self.first_token_state.expand(batch, 1, -1)]
+        if self.cf_injection is not None:
+            user_vec, item_add = self.cf_injection.vectors(user_ids, seq_items, slot_valid)
+            items = items + item_add
+            if user_vec is not None:
+                prefix.append(user_vec[:, None])
+        inputs = torch.cat([*prefix, self.dropout(items)], dim=1)  # (B, P+L, H)
+        n_prefix = len(prefix)
+        # One block per position: the context mask reduces to a causal one; padding slots are block -1.
+        slot_blocks = torch.where(slot_valid, torch.arange(1, n_slots + 1, device=seq_items.device), -1)
+        prefix_blocks = torch.zeros(batch, n_prefix, dtype=torch.long, device=seq_items.device)
+        hidden = self._run_llm(inputs, torch.cat([prefix_blocks, slot_blocks], dim=1), context_masking=False)
+        return hidden[:, n_prefix:]  # (B, L, H)
 
     def encode_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[ITEM]`` states, ``[ALIGN]`` states) of items encoded alone: (N, H) each."""
@@ -241,10 +314,22 @@ class DARec(SequentialRecommender):
         return (states - self.state_mean) / self.state_std
 
     # ----- scores -------------------------------------------------------------------------------------------
+    def known_item_ids(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """ID embeddings, zero for items that never occur in training."""
+        return self.item_id_embedding(item_ids) * self.item_id_known[item_ids, None]
+
+    def text_item_vectors(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Item-level mode: candidate vectors from the whitened cached text states (plus ID), (N, D)."""
+        return self.item_vectors(self.item_text_states[item_ids], item_ids)
+
     def item_vectors(self, item_states: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        vectors = self.item_proj(self.standardize(item_states))
+        if self.history_input == "items":
+            text = (item_states - self.whitening_mean) @ self.whitening
+        else:
+            text = self.standardize(item_states)
+        vectors = self.item_proj(text)
         if self.use_item_id:
-            vectors = vectors + self.item_id_embedding(item_ids)
+            vectors = vectors + self.known_item_ids(item_ids)
         return vectors
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -263,14 +348,8 @@ class DARec(SequentialRecommender):
         if self.item_state_cache is None:
             self.item_state_cache = self.encode_all_items()
             self._refresh_cursor = 1
-            if self.lambda_hard > 0 and not bool(self.hard_negatives_ready):
-                # Mined once from the untrained model (adapters start at zero: the backbone's own text states),
-                # so the negatives do not drift with training and are saved with the model.
-                sequences, lengths = self._training_sequences
-                cooccurrence = cooccurrence_matrix(sequences, lengths, self.n_items)
-                negatives = mine_hard_negatives(self.item_state_cache.cpu(), cooccurrence, self.n_hard_negatives)
-                self.hard_negatives.copy_(negatives.to(self.hard_negatives.device))
-                self.hard_negatives_ready.fill_(True)
+            if self.lambda_hard > 0:
+                self._mine_hard_negatives(self.item_state_cache)  # adapters start at zero: the backbone's states
             return
         per_step = -(-(self.n_items - 1) // max(self.item_cache_refresh, 1))
         items = (self._refresh_cursor - 1 + torch.arange(per_step, device=self.item_token_ids.device))
@@ -291,6 +370,42 @@ class DARec(SequentialRecommender):
         self._eval_item_vectors = None
         self.item_state_cache = None
 
+    def _item_level_loss(self, full_seq: torch.Tensor, full_len: torch.Tensor, users: torch.Tensor | None):
+        """Item-level mode: every candidate vector is cheap (a projection of a cached state), so L_next is one
+        softmax over all items with gradient everywhere: no stale cache and no in-batch negatives that are drawn
+        in proportion to popularity."""
+        states = self.encode_item_histories(full_seq, full_len, users)  # (B, L+1, H)
+        has_next = torch.arange(full_seq.shape[1] - 1, device=full_seq.device)[None, :] < (full_len - 1)[:, None]
+        user_vecs = self.user_proj(self.dropout(states[:, :-1][has_next]))  # (P, D): state after item k ...
+        next_items = full_seq[:, 1:][has_next]  # (P,) ... predicts item k+1
+        all_items = torch.arange(self.n_items, device=full_seq.device)
+        item_vecs = self.text_item_vectors(all_items)  # (n_items, D)
+        logits = self.score(user_vecs, item_vecs)
+        logits[:, 0] = float("-inf")
+        losses = [F.cross_entropy(logits, next_items)]
+        if self.lambda_align > 0:
+            batch_items = torch.unique(next_items)
+            text = self.item_proj((self.item_text_states[batch_items] - self.whitening_mean) @ self.whitening)
+            losses.append(self.lambda_align * info_nce(text, self.item_id_embedding(batch_items), self.temperature))
+        if self.lambda_hard > 0:
+            self._mine_hard_negatives((self.item_text_states - self.whitening_mean) @ self.whitening)
+            negatives = item_vecs[self.hard_negatives[next_items]]  # (P, K, D)
+            losses.append(self.lambda_hard * hard_negative_loss(user_vecs, item_vecs[next_items], negatives,
+                                                                self.hard_temperature))
+        if self.cf_injection is not None and self.cf_injection.lambda_cf > 0:
+            losses.append(self.cf_injection.lambda_cf * self.cf_injection.calculate_loss(users, full_seq, full_len))
+        return tuple(losses)
+
+    def _mine_hard_negatives(self, item_states: torch.Tensor) -> None:
+        """Mined once, from the untrained model's (the backbone's own) item text states, and saved with the model."""
+        if bool(self.hard_negatives_ready):
+            return
+        sequences, lengths = self._training_sequences
+        cooccurrence = cooccurrence_matrix(sequences, lengths, self.n_items)
+        negatives = mine_hard_negatives(item_states.detach().cpu(), cooccurrence, self.n_hard_negatives)
+        self.hard_negatives.copy_(negatives.to(self.hard_negatives.device))
+        self.hard_negatives_ready.fill_(True)
+
     def calculate_loss(self, interaction):
         if self.supernet:
             self.sample_architecture()
@@ -302,6 +417,8 @@ class DARec(SequentialRecommender):
         full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)  # (B, L+1)
         full_seq[torch.arange(len(item_len)), item_len] = target
         full_len = item_len + 1
+        if self.history_input == "items":
+            return self._item_level_loss(full_seq, full_len, users)
 
         self._refresh_item_cache()
         states = self.encode_sequences(full_seq, full_len, users)  # (B, L+1, H)
@@ -350,11 +467,16 @@ class DARec(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ]
         item_len = interaction[self.ITEM_SEQ_LEN]
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+        if self.history_input == "items":
+            states = self.encode_item_histories(item_seq, item_len, users)
+            return self.user_proj(states[torch.arange(len(item_len)), item_len - 1])
         states = self.encode_sequences(item_seq, item_len, users)
         last = states[torch.arange(len(item_len)), item_len - 1]  # state after the last item of the history
         return self.user_proj(self.standardize(last))
 
     def _all_item_vectors(self) -> torch.Tensor:
+        if self.history_input == "items":
+            return self.text_item_vectors(torch.arange(self.n_items, device=self.item_text_states.device))
         if self._eval_item_vectors is None or self.training:
             all_items = torch.arange(self.n_items, device=self.item_token_ids.device)
             self._eval_item_vectors = self.item_vectors(self.encode_all_items(), all_items)

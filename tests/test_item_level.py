@@ -1,0 +1,204 @@
+"""DARec's item-level mode (``history_input: items``): the lower layers encode each item once, the top layers read
+the history one vector per item. Leakage, target alignment, learning on a planted pattern, text use, caching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from darec_testing import BACKBONES, build, darec_settings, one_torch_thread, trainer_for, write_text_dataset
+
+from recbole_darec.model.item_states import encode_item_text, pca_whitening
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+def item_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
+    settings = {"history_input": "items", "sequence_layers": 1, "whiten_dim": 16, "dropout_prob": 0.0, **overrides}
+    return darec_settings(tmp_path, data_path, **settings)
+
+
+@pytest.mark.parametrize("cf_model", [None, "BPR"], ids=["no-cf", "cf=BPR"])
+@pytest.mark.parametrize("llm_path", BACKBONES)
+def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model):
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], llm_path=llm_path,
+                                                                   cf_model=cf_model))
+    model.eval()
+    seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0]])
+    seq_len = torch.tensor([5, 3])
+    users = torch.tensor([1, 2])
+    with torch.no_grad():
+        base = model.encode_item_histories(seq, seq_len, users)
+    for slot in range(1, seq.shape[1]):
+        changed_seq = seq.clone()
+        changed_seq[0, slot] = 50
+        with torch.no_grad():
+            changed = model.encode_item_histories(changed_seq, seq_len, users)
+        torch.testing.assert_close(changed[0, :slot], base[0, :slot], rtol=0, atol=1e-5,
+                                   msg=lambda m, slot=slot: f"item {slot + 1} leaked into earlier states: {m}")
+        assert (changed[0, slot] - base[0, slot]).abs().max() > 1e-4  # the perturbation reached its own slot
+        torch.testing.assert_close(changed[1, :3], base[1, :3], rtol=0, atol=1e-5)
+
+
+def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text_data):
+    config, model, train_data, _, _ = build("DARec", text_data[1], item_settings(
+        tmp_path, text_data[0], lambda_align=0.0, lambda_hard=0.0))
+    model.eval()  # no dropout: the loss is a deterministic function of the batch
+    with torch.no_grad():
+        model.id_to_hidden.weight.normal_(std=0.1)  # the ID path must matter too
+    interaction = next(iter(train_data))
+    (loss,) = model.calculate_loss(interaction)
+
+    seq, seq_len = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+    full = torch.cat([seq, torch.zeros_like(seq[:, :1])], dim=1)
+    full[torch.arange(len(seq_len)), seq_len] = interaction[model.POS_ITEM_ID]
+    states = model.encode_item_histories(full, seq_len + 1)
+    items = model.text_item_vectors(torch.arange(model.n_items))
+
+    def loss_with_shift(shift: int) -> torch.Tensor:
+        """Cross-entropy of the state after item k+1 (index k) against the item at index k + shift."""
+        users, targets = [], []
+        for row, length in enumerate((seq_len + 1).tolist()):
+            for k in range(length - max(shift, 1)):
+                users.append(states[row, k])
+                targets.append(full[row, k + shift])
+        logits = model.score(model.user_proj(torch.stack(users)), items)
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, torch.stack(targets))
+
+    torch.testing.assert_close(loss, loss_with_shift(1), rtol=1e-4, atol=1e-5)
+    for shift in (0, 2):  # scored against item k itself, or against item k+2: a different loss
+        assert abs(float(loss) - float(loss_with_shift(shift))) > 1e-3
+
+
+def test_learns_a_planted_next_item_pattern(tmp_path, text_data):
+    """Users walk forward through the catalogue (item i is followed by i+1): a few seconds of training must rank
+    the next item far above chance (NDCG@10 of a random ranking of 60 items is about 0.07)."""
+    config, model, train_data, valid_data, test_data = build("DARec", text_data[1], item_settings(
+        tmp_path, text_data[0], epochs=15, learning_rate=0.005, llm_learning_rate=0.001, eval_step=100))
+    trainer = trainer_for(config, model)
+    trainer.fit(train_data, valid_data, saved=False)
+    result = trainer.evaluate(test_data, load_best_model=False)
+    assert result["ndcg@10"] > 0.3, result
+    assert result["recall@10"] > 0.6, result
+
+
+def test_items_only_their_text_can_find(tmp_path):
+    """Items that never occur in training, but share their text with items that do, are found through the text:
+    ranked at least as well as by a plain text-similarity baseline on the same frozen backbone."""
+    root = tmp_path / "dataset"
+    name = "twins"
+    (root / name).mkdir(parents=True)
+    n_warm = 30  # items 0..29 in training; item 30 + i is a text twin of item i and only ever a test target
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    generator = torch.Generator().manual_seed(0)
+    for user in range(60):
+        start, length = int(torch.randint(0, n_warm, (1,), generator=generator)), 7
+        walk = [(start + step) % n_warm for step in range(length)]
+        test_item = n_warm + (start + length) % n_warm  # the twin of the item that comes next
+        for step, item in enumerate([*walk, test_item]):
+            lines.append(f"u{user}\ti{item}\t{1000 * user + step}")
+    (root / name / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    texts = ["item_id:token\tn:token_seq"] + [f"i{i}\t{i % n_warm}z{(i % n_warm) % 3}" for i in range(2 * n_warm)]
+    (root / name / f"{name}.item").write_text("\n".join(texts) + "\n")
+
+    config, model, train_data, valid_data, test_data = build("DARec", name, item_settings(
+        tmp_path, str(root), epochs=20, learning_rate=0.005, llm_learning_rate=0.001, eval_step=100))
+    dataset = train_data._dataset
+    token = dataset.field2id_token[dataset.iid_field]
+    cold = [i for i in range(1, model.n_items) if int(token[i][1:]) >= n_warm]
+    assert not model.item_id_known[cold].any()  # never in training: no ID vector of their own
+    trainer = trainer_for(config, model)
+    trainer.fit(train_data, valid_data, saved=False)
+    model_result = trainer.evaluate(test_data, load_best_model=False)
+
+    # Baseline: a user is the mean of the (whitened) text states of their history, scored by cosine.
+    mean, projection = pca_whitening(model.item_text_states[1:], 16)
+    text = F.normalize((model.item_text_states - mean) @ projection, dim=-1)
+    ranks = []
+    for batch in test_data:
+        interaction = batch[0]
+        seq, seq_len = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+        valid = torch.arange(seq.shape[1])[None, :] < seq_len[:, None]
+        users = F.normalize((text[seq] * valid[..., None]).sum(1), dim=-1)
+        scores = users @ text.T
+        scores[:, 0] = float("-inf")
+        target = scores.gather(1, interaction[model.ITEM_ID][:, None])
+        ranks.append((scores > target).sum(1) + 1)
+    ranks = torch.cat(ranks).float()
+    baseline_recall = float((ranks <= 10).float().mean())
+    assert model_result["recall@10"] >= baseline_recall, (model_result, baseline_recall)
+    assert model_result["recall@10"] > 0.5, model_result
+
+
+def test_item_pass_sees_only_the_items_own_tokens(tmp_path, text_data):
+    """An item's cached state depends on its own tokens only: batching it with other items changes nothing."""
+    config, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0]))
+    backbone = model.backbone
+    # The model keeps only its top layer; a fresh backbone gives the lower layers back.
+    from recbole_darec.model.backbone import load_backbone
+
+    fresh = load_backbone("random:llama", None, config["llm_random_config"])
+    ids, lengths = model.item_token_ids, model.item_token_len
+    together, _ = encode_item_text(fresh, ids, lengths, 1, True, batch_size=64)
+    alone, _ = encode_item_text(fresh, ids[5:6], lengths[5:6], 1, True, batch_size=1)
+    torch.testing.assert_close(together[5], alone[0], rtol=1e-4, atol=1e-5)
+    assert len(backbone.layers) == 1  # only the sequence layers are kept in the model
+
+
+def test_item_states_cached_on_disk_and_reused(tmp_path, text_data):
+    settings = item_settings(tmp_path, text_data[0])
+    _, first, _, _, _ = build("DARec", text_data[1], settings)
+    cache = list(Path(settings["item_text_cache_dir"]).glob("item_states-*.pt"))
+    assert len(cache) == 1
+    _, second, _, _, _ = build("DARec", text_data[1], settings)
+    torch.testing.assert_close(first.item_text_states, second.item_text_states, rtol=0, atol=0)
+    _, causal, _, _, _ = build("DARec", text_data[1], {**settings, "context_masking": False})
+    assert len(list(Path(settings["item_text_cache_dir"]).glob("item_states-*.pt"))) == 2  # another key
+    assert not torch.equal(causal.item_text_states, first.item_text_states)
+
+
+def test_sequence_layers_must_leave_item_layers(tmp_path, text_data):
+    with pytest.raises(ValueError, match="sequence_layers=2"):
+        build("DARec", text_data[1], item_settings(tmp_path, text_data[0], sequence_layers=2))
+
+
+def test_whitening_gives_identity_covariance():
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(500, 8, generator=generator) @ torch.randn(8, 8, generator=generator) + 3.0
+    mean, projection = pca_whitening(states, 8)
+    white = (states - mean) @ projection
+    torch.testing.assert_close(white.T @ white / (len(states) - 1), torch.eye(8), rtol=0, atol=1e-3)
+
+
+def test_item_level_checkpoint_round_trip(tmp_path, text_data):
+    config, model, train_data, valid_data, test_data = build("DARec", text_data[1], item_settings(
+        tmp_path, text_data[0], epochs=1))
+    trainer = trainer_for(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    before = trainer.evaluate(test_data, load_best_model=True)
+    _, again, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], epochs=1))
+    state = torch.load(trainer.saved_model_file, weights_only=False)["state_dict"]
+    again.load_state_dict(state)
+    after = trainer_for(config, again).evaluate(test_data, load_best_model=False)
+    assert before == after
+
+
+def test_windows_cover_every_training_target_once(tmp_path):
+    data_path, name = write_text_dataset(tmp_path / "dataset")
+    _, _, train_data, _, _ = build("DARec", name, item_settings(tmp_path, data_path, MAX_ITEM_LIST_LENGTH=3))
+    dataset = train_data._dataset
+    sequences, lengths = dataset.training_sequences()
+    users = dataset.inter_feat[dataset.uid_field]
+    predicted: dict[int, list[int]] = {}
+    for user, row, length in zip(users.tolist(), sequences.tolist(), lengths.tolist()):
+        predicted.setdefault(user, []).extend(row[1:length])  # targets of the row's positions
+    pair_users, pair_items = dataset.training_pairs()
+    for user in set(users.tolist()):
+        history = pair_items[pair_users == user].tolist()
+        assert predicted[user] == history[1:], user  # every target after the first item, once, in time order
