@@ -53,6 +53,9 @@ class Config(RecBoleConfig):
         # RecBole's own model yaml again, above our protocol defaults: a model's fixed choices (FPMC's
         # loss_type: BPR) must not be overwritten by sequential.yaml's loss_type: CE.
         layers.append(RECBOLE_PROPERTIES_DIR / "model" / f"{model}.yaml")
+        # A plugin model built on a RecBole model (TextSASRec on SASRec) starts from that model's yaml.
+        layers += [RECBOLE_PROPERTIES_DIR / "model" / f"{cls.__name__}.yaml"
+                   for cls in reversed(model_class.__mro__[1:]) if cls.__module__.startswith("recbole.model.")]
         # A plugin model's base classes' yamls first (DARecbase.yaml only overrides DARec.yaml's few settings).
         bases = [cls.__name__ for cls in reversed(model_class.__mro__[1:])
                  if cls.__module__.startswith("recbole_darec")]

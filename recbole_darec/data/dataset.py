@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -11,7 +12,34 @@ from recbole.data.dataset import SequentialDataset
 from recbole_darec.data.item_text import align_item_sentences, read_item_sentences
 
 
-class DARecDataset(SequentialDataset):
+def load_item_sentences(config, item_id_field: str, id_tokens) -> list[str]:
+    """Sentence of every internal item id, read from the dataset's ``.item`` file ("" where there is none)."""
+    item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+    if config["item_text_format"] not in (None, "values", "key_value"):
+        raise ValueError(f"item_text_format={config['item_text_format']!r}: expected values or key_value.")
+    if os.path.isfile(item_file):
+        sentences = read_item_sentences(item_file, item_id_field, config["item_text_fields"],
+                                        config["field_separator"] or "\t",
+                                        with_keys=config["item_text_format"] == "key_value")
+    else:
+        logging.getLogger(__name__).warning(
+            f"{item_file} not found: items have no text (their ID and CF signal still work).")
+        sentences = {}
+    return align_item_sentences(sentences, id_tokens)
+
+
+class ItemTextDataset(SequentialDataset):
+    """RecBole's SequentialDataset (per-prefix training rows, as SASRec trains) plus the raw item text."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.item_sentences = load_item_sentences(config, self.iid_field, self.field2id_token[self.iid_field])
+
+
+TextSASRecDataset = ItemTextDataset  # found by model name (data/__init__.py)
+
+
+class DARecDataset(ItemTextDataset):
     """RecBole's SequentialDataset with two changes for an LLM model.
 
     - Training keeps one row per user and window: the longest training prefix plus its target, i.e. the user's whole
@@ -22,20 +50,6 @@ class DARecDataset(SequentialDataset):
     - ``item_sentences[i]`` is the raw attribute sentence of internal item id ``i`` (read from the ``.item`` file
       directly, see item_text.py); "" for padding, items without a row, and datasets without an ``.item`` file.
     """
-
-    def __init__(self, config):
-        super().__init__(config)
-        item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
-        if config["item_text_format"] not in (None, "values", "key_value"):
-            raise ValueError(f"item_text_format={config['item_text_format']!r}: expected values or key_value.")
-        if os.path.isfile(item_file):
-            sentences = read_item_sentences(item_file, self.iid_field, config["item_text_fields"],
-                                            config["field_separator"] or "\t",
-                                            with_keys=config["item_text_format"] == "key_value")
-        else:
-            self.logger.warning(f"{item_file} not found: items have no text (their ID and CF signal still work).")
-            sentences = {}
-        self.item_sentences = align_item_sentences(sentences, self.field2id_token[self.iid_field])
 
     def build(self):
         datasets = super().build()
