@@ -16,7 +16,8 @@ from conftest import TINY_DATASET
 from darec_testing import TINY_LLM
 
 REPO = Path(__file__).resolve().parents[1]
-DAREC_TINY = {"llm_path": "random:llama", "llm_random_config": TINY_LLM, "item_max_tokens": 8,
+DAREC_TINY = {"llm_path": "random:llama", "llm_random_config": TINY_LLM, "history_input": "tokens",
+              "item_max_tokens": 8,
               "MAX_ITEM_LIST_LENGTH": 6, "rec_dim": 32, "adapter_size": 8, "hard_negatives": 3, "epochs": 1,
               "train_batch_size": 64}
 

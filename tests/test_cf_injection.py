@@ -29,6 +29,8 @@ TINY_LLM = {
     "item_max_tokens": 8,
     "rec_dim": 32,
     "adapter_size": 8,
+    # Injection at [CF_USER] and [ITEM] tokens is the token-level layout's; test_item_level.py covers the other.
+    "history_input": "tokens",
 }
 
 

@@ -40,6 +40,9 @@ def darec_config(tiny_dataset, fast_config, tmp_path: Path, **overrides) -> dict
         "data_path": tiny_dataset[0],
         "llm_path": "random:llama",
         "llm_random_config": {"hidden_size": 32, "num_hidden_layers": N_LAYERS, "num_attention_heads": 2, "ffn": 64},
+        # The search over every layer of the token-level layout (the paper's); in the item-level mode it covers
+        # the top sequence_layers layers, the only ones with adapters.
+        "history_input": "tokens",
         "item_max_tokens": 8,
         "item_text_cache_dir": str(tmp_path / "item_text"),
         "adapter_size": 8,
