@@ -68,6 +68,17 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
         self._load_time_column()
 
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        cfg = self.final_config_dict
+        # Context-aware models score (user, item, features) rows against a label; RecBole's full-ranking path for
+        # them fails deep in training (KeyError: 'label') or evaluation. Say so before any work.
+        if cfg["MODEL_TYPE"] in (ModelType.CONTEXT, ModelType.DECISIONTREE) and "labeled" not in str(cfg["eval_args"]):
+            raise ValueError(f"model={cfg['model']} is a context-aware model: it is evaluated on labeled "
+                             "interactions (eval_args.mode: labeled, with a label or rating field), not with this "
+                             "plugin's full-ranking protocol; use a general, sequential or knowledge-aware model, or "
+                             "RecBole's run_recbole with eval_args: {mode: labeled}.")
+
     def _load_time_column(self):
         # The protocol orders by time (eval_args.order: TO), but for a dataset RecBole has no yaml for, its
         # sample.yaml loads only [user_id, item_id] and every run dies with "[timestamp] is not exist".

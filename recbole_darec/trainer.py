@@ -187,6 +187,21 @@ class Trainer(RecBoleTrainer):
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
 
+class TrustedCheckpointLoading:
+    """Mixin for RecBole's special trainers (TraditionalTrainer of Pop/ItemKNN, KGTrainer, ...): their
+    ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's ``weights_only`` default, which refuses
+    RecBole's own checkpoints (they pickle the Config)."""
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            checkpoint = load_trusted_checkpoint(checkpoint_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -61,4 +61,4 @@ def get_trainer(model_type: ModelType, model_name: str) -> type:
     recbole_trainer = recbole_get_trainer(model_type, model_name)
     if recbole_trainer.__name__ == "Trainer":
         return trainer_module.Trainer
-    return recbole_trainer
+    return type(recbole_trainer.__name__, (trainer_module.TrustedCheckpointLoading, recbole_trainer), {})
