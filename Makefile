@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-RUN_ARGS ?= --model=DARec --dataset=ml-100k --config_files=properties/cpu_quick.yaml
+RUN_ARGS ?= --model=DARec --dataset=ml-100k --config_files=properties/cpu_quick.yaml --baseline=Pop
 
 .PHONY: install run test lint
 

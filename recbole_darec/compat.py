@@ -6,6 +6,9 @@ breakage it covers; delete it once RecBole ships a fix.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 
 # numpy 2 removed these aliases; RecBole's Config.compatibility_settings reads np.float_ & co. at start-up.
@@ -82,3 +85,27 @@ def fix_recbole_hyper_tuning() -> None:
     # numpy 2 removed np.str; HyperTuning.plot_hyper (display_file) casts trial numbers with it.
     if "str" not in np.__dict__:
         np.str = str
+
+# pandas>=2.2 warns on every chained ``feat[field].fillna(value, inplace=True)`` in RecBole's Dataset
+# (_fill_nan_flag): one multi-line FutureWarning per field and run, flooding logs and test output. RecBole's own
+# line, not ours: silence exactly that message from recbole's modules.
+warnings.filterwarnings("ignore", message=r"A value is trying to be set on a copy of a DataFrame or Series "
+                        r"through chained assignment using an inplace method", category=FutureWarning,
+                        module=r"recbole\.")
+
+
+# recbole.utils.ensure_dir checks, then creates (``if not os.path.exists(d): os.makedirs(d)``): when several
+# processes start together (DDP ranks, parallel benchmark rows) one of them loses the race with FileExistsError.
+# Its callers (logger, Trainer, data_preparation, Dataset.save) bound the function by name at import, so its code
+# is replaced in place: every caller gets the race-free version.
+def _ensure_dir(dir_path: str) -> None:
+    os.makedirs(dir_path, exist_ok=True)
+
+
+def _fix_recbole_ensure_dir() -> None:
+    from recbole.utils import utils as recbole_utils
+
+    recbole_utils.ensure_dir.__code__ = _ensure_dir.__code__  # reads ``os`` from recbole's module: imported there
+
+
+_fix_recbole_ensure_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import recbole
@@ -11,7 +12,23 @@ from recbole.utils import ModelType
 
 from recbole_darec.utils import get_model
 
-PROPERTIES_DIR = Path(__file__).resolve().parents[1] / "properties"
+
+def _properties_dir() -> Path:
+    """The plugin's yaml defaults: ``recbole_darec.properties`` (setup.cfg maps the repository's ``properties/``
+    there, so an installed wheel carries them), or ``properties/`` beside the package in a source checkout."""
+    spec = importlib.util.find_spec("recbole_darec.properties")
+    if spec is not None:
+        folder = Path(next(iter(spec.submodule_search_locations)))
+    else:
+        folder = Path(__file__).resolve().parents[1] / "properties"
+    if not (folder / "overall.yaml").is_file():
+        # Without them every run would silently fall back to RecBole's defaults, not this plugin's protocol.
+        raise FileNotFoundError(f"recbole-darec's settings are missing: {folder / 'overall.yaml'} not found. "
+                                "Reinstall the package (pip install recbole-darec, or pip install -e . in a checkout).")
+    return folder
+
+
+PROPERTIES_DIR = _properties_dir()
 RECBOLE_PROPERTIES_DIR = Path(recbole.__file__).resolve().parent / "properties"
 
 

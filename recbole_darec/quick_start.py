@@ -46,7 +46,9 @@ def load_data(config: Config):
 def user_error_message(exc: BaseException) -> str | None:
     """The one-line message of an error caused by the user's input (settings, files, checkpoints), or None for a
     bug, whose traceback should be shown. The scripts print the message instead of a traceback."""
-    if isinstance(exc, (ValueError, FileNotFoundError)):
+    from recbole_darec.data.prepare import DatasetUnavailableError, RawDataError
+
+    if isinstance(exc, (ValueError, FileNotFoundError, DatasetUnavailableError, RawDataError)):
         return f"error: {exc}"
     if isinstance(exc, RuntimeError) and "checkpoint" in str(exc):  # DARec.load_state_dict: settings differ
         return f"error: {exc}"

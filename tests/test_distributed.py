@@ -82,3 +82,44 @@ def test_two_process_gloo_run(tmp_path):
     # Only rank 0 writes checkpoints: one best-model file and one resume file.
     saved = sorted(os.listdir(tmp_path / "saved"))
     assert len([name for name in saved if name.endswith(".pth")]) == 2, saved
+
+
+def test_recbole_ensure_dir_survives_losing_the_race(tmp_path, monkeypatch):
+    """The race of two ranks, made certain: the other process creates the folder between RecBole's existence check
+    and its makedirs (here: the check says "missing" for a folder that exists). RecBole's own code raises
+    FileExistsError; every caller that bound ``ensure_dir`` at import gets the fixed code."""
+    import recbole_darec  # noqa: F401  (compat first)
+
+    # isort: split
+    from recbole.data import utils as data_utils
+    from recbole.trainer import trainer as recbole_trainer
+    from recbole.utils import ensure_dir, logger
+
+    made_by_the_other_rank = tmp_path / "saved"
+    made_by_the_other_rank.mkdir()
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    for caller_ensure_dir in (ensure_dir, recbole_trainer.ensure_dir, data_utils.ensure_dir, logger.ensure_dir):
+        caller_ensure_dir(str(made_by_the_other_rank))
+    assert made_by_the_other_rank.is_dir()
+
+
+def _create_together(folder: str, barrier) -> None:
+    import recbole_darec  # noqa: F401  (compat first)
+
+    # isort: split
+    from recbole.utils import ensure_dir
+
+    barrier.wait()
+    ensure_dir(os.path.join(folder, "saved", "deep", "er"))
+
+
+def test_many_processes_create_the_same_folders_at_once(tmp_path):
+    context = mp.get_context("spawn")
+    barrier = context.Barrier(8)
+    processes = [context.Process(target=_create_together, args=(str(tmp_path), barrier)) for _ in range(8)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0] * 8
+    assert (tmp_path / "saved" / "deep" / "er").is_dir()

@@ -8,6 +8,8 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -434,3 +436,18 @@ def test_shared_scientific_is_used_as_is():
     assert (dataset.user_num - 1, dataset.item_num - 1, dataset.inter_num) == (8442, 4385, 59427)
     items = read_atomic(SHARED / "amazon-scientific" / "amazon-scientific.item")
     assert len(items) == 4385 and all(r["text"] for r in items)
+
+
+def test_run_darec_on_an_unavailable_amazon_dataset_is_a_one_line_error(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on: an offline machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "run_darec.py"), "--model=SASRec",
+           "--dataset=amazon-arts", f"--data_path={tmp_path / 'dataset'}", f"--raw_url_base=http://127.0.0.1:{port}",
+           f"--checkpoint_dir={tmp_path / 'saved'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "amazon-arts" in errors[0] and "--raw_dir" in errors[0], proc.stderr[-2000:]

@@ -409,8 +409,8 @@ class DARec(SequentialRecommender):
     def calculate_loss(self, interaction):
         if self.supernet:
             self.sample_architecture()
-        item_seq = interaction[self.ITEM_SEQ]  # (B, L)
         item_len = interaction[self.ITEM_SEQ_LEN]  # (B,)
+        item_seq = interaction[self.ITEM_SEQ][:, : int(item_len.max())]  # (B, L): RecBole pads to the max length
         target = interaction[self.POS_ITEM_ID]  # (B,)
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         # The whole training sequence: history plus its last item; a loss at every item boundary.
@@ -464,8 +464,8 @@ class DARec(SequentialRecommender):
 
     # ----- evaluation ---------------------------------------------------------------------------------------
     def _user_vectors(self, interaction) -> torch.Tensor:
-        item_seq = interaction[self.ITEM_SEQ]
         item_len = interaction[self.ITEM_SEQ_LEN]
+        item_seq = interaction[self.ITEM_SEQ][:, : int(item_len.max())]  # no slots that every row leaves empty
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         if self.history_input == "items":
             states = self.encode_item_histories(item_seq, item_len, users)
