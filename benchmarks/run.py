@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from recbole_darec.provenance import code_version, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["recall@10", "recall@50", "ndcg@10", "ndcg@50", "mrr@10", "mrr@50"]
 DEFAULT_MODELS = "DARec,DARecbase,SASRec,GRU4Rec,BERT4Rec"
@@ -63,6 +65,29 @@ def row_config(profile: dict, variant: str, seed: int, data_path: str | None, ou
     return model, settings
 
 
+def row_code_version(model: str) -> str:
+    """The code a row depends on: the whole package for the plugin's models; for RecBole's own models, all but the
+    plugin's model/ and search/ (an edit of DARec does not make a SASRec row stale)."""
+    return code_version(plugin_models=(ROOT / "recbole_darec" / "model" / f"{model.lower()}.py").is_file())
+
+
+def reusable(result_file: Path, same_config: bool, code: str, keep_stale: bool, name: str) -> bool:
+    """A finished row is reused when its settings and code version are this run's; the output says so."""
+    if not (result_file.exists() and same_config):
+        return False
+    made_by = json.loads(result_file.read_text()).get("code_version")
+    if made_by == code:
+        print(f"== {name}: reusing the finished row (same settings, code {code})", flush=True)
+        return True
+    if keep_stale:
+        print(f"== {name}: KEEPING a row made by other code ({made_by or 'unrecorded'}, now {code}): "
+              "--keep_stale_rows", flush=True)
+        return True
+    print(f"== {name}: the finished row was made by other code ({made_by or 'unrecorded'}, now {code}): rerun",
+          flush=True)
+    return False
+
+
 def run_row(model: str, dataset: str, settings: dict, result_file: Path) -> None:
     """Child process: train + evaluate one row, write its metrics, times and peak memory as JSON."""
     import recbole_darec  # noqa: F401  (compat first)
@@ -80,7 +105,8 @@ def run_speed(model: str, dataset: str, settings: dict, result_file: Path) -> No
     import recbole_darec  # noqa: F401  (compat first)
 
     sys.argv = sys.argv[:1]
-    result_file.write_text(json.dumps(measure(model, dataset, settings), indent=1))
+    result_file.write_text(json.dumps({**measure(model, dataset, settings), "code_version": row_code_version(model)},
+                                      indent=1))
 
 
 def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
@@ -155,6 +181,8 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="also measure DARec's speed figures")
     parser.add_argument("--speed_only", action="store_true",
                         help="measure the speed figures of --models without training rows (writes speed.md)")
+    parser.add_argument("--keep_stale_rows", action="store_true",
+                        help="keep finished rows made by another code version (they are listed in the report)")
     parser.add_argument("--reference", default="SASRec", help="variant the significance marks compare against")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting in every row (yaml value), e.g. --set epochs=1")
@@ -176,7 +204,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_overrides(args.set)
 
-    rows = []
+    rows, stale = [], []
     for seed in ([] if args.speed_only else seeds):
         for variant in variants:
             model, settings = row_config(profile, variant, seed, data_path, out_dir, overrides)
@@ -184,9 +212,8 @@ def main() -> None:
             config_file, result_file = Path(f"{stem}.config.json"), Path(f"{stem}.json")
             same_config = config_file.exists() and json.loads(config_file.read_text()) == settings
             config_file.write_text(json.dumps(settings, indent=1))
-            # Finished rows with the same settings are kept: an interrupted benchmark resumes. (Delete a row's
-            # files to rerun it after a code change.)
-            if not (result_file.exists() and same_config):
+            code = row_code_version(model)
+            if not reusable(result_file, same_config, code, args.keep_stale_rows, f"{variant} (seed {seed})"):
                 print(f"== {variant} (seed {seed}) ...", flush=True)
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "row", model,
@@ -195,8 +222,14 @@ def main() -> None:
                     print(f"!! {variant} (seed {seed}) failed with exit code {done.returncode}", flush=True)
                     continue
                 print(f"   done in {time.perf_counter() - start:.0f}s", flush=True)
+                result = json.loads(result_file.read_text())
+                result_file.write_text(json.dumps({**result, "code_version": code, "commit": git_commit()},
+                                                  default=float, indent=1))
             row = json.loads(result_file.read_text())
             rows.append({"variant": variant, "seed": seed, "config": settings, **row})
+            if row.get("code_version") != code:
+                stale.append(f"{variant} seed {seed} (code {row.get('code_version') or 'unrecorded'}, "
+                             f"commit {row.get('commit') or 'unrecorded'})")
 
     speed = {}
     if args.speed or args.speed_only:
@@ -205,6 +238,10 @@ def main() -> None:
             if not model.startswith("DARec"):
                 continue
             speed_file = out_dir / "rows" / f"{variant}.speed.json"
+            code = row_code_version(model)
+            if speed_file.exists() and json.loads(speed_file.read_text()).get("code_version") != code:
+                print(f"== {variant} speed: measured with other code, measuring again", flush=True)
+                speed_file.unlink()
             if not speed_file.exists():
                 Path(f"{speed_file}.config").write_text(json.dumps(settings))
                 subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "speed", model,
@@ -218,7 +255,10 @@ def main() -> None:
               f"Command: python benchmarks/run.py --dataset={args.dataset} --models={args.models} "
               f"--profile={args.profile} --seeds={args.seeds}{' --speed' if args.speed else ''}"
               f"{' --speed_only' if args.speed_only else ''}"
-              + "".join(f" --set {item}" for item in args.set) + "\n\n")
+              + "".join(f" --set {item}" for item in args.set) + "\n"
+              f"Code: {row_code_version('DARec')} (plugin models), {row_code_version('SASRec')} (RecBole models), "
+              f"commit {git_commit()}.\n"
+              + (f"Rows kept from other code (--keep_stale_rows): {'; '.join(stale)}.\n" if stale else "") + "\n")
     speed_text = ""
     if speed:
         speed_text += ("\nSpeed (one training batch; ratio = DARec step / plain backbone forward+backward on the same "

@@ -46,8 +46,10 @@ def main() -> None:
     from recbole.utils import init_logger, init_seed
 
     from recbole_darec.config import Config
+    from recbole_darec.provenance import artefact_key, git_commit
     from recbole_darec.quick_start import load_data
     from recbole_darec.search import build_supernet, describe_arch, search_architecture, search_paths
+    from recbole_darec.search.supernet import TRIAL_SETTINGS
     from recbole_darec.search.trial_log import TrialLog
 
     config = Config(model=model, dataset=args.dataset, config_dict=settings)
@@ -57,6 +59,16 @@ def main() -> None:
 
     summary_file = out_dir / "search.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    # Test metrics (and the supernet time) are reused only from a run with the same settings and code.
+    key = artefact_key(config, TRIAL_SETTINGS)
+    if summary and summary.get("key") != key:
+        print(f"{summary_file}: written under other settings or code (key {summary.get('key')}, now {key}); "
+              "its results are not reused", flush=True)
+        summary = {}
+    elif summary:
+        print(f"{summary_file}: reusing its finished test evaluations (same settings and code, key {key})",
+              flush=True)
+    summary.update({"key": key, "commit": git_commit()})
     machine = platform.processor() or platform.machine()
     summary.update({"dataset": args.dataset, "settings": settings, "machine": machine})
 

@@ -63,9 +63,22 @@ def test_run_writes_the_report_keeps_finished_rows_and_measures_speed(tmp_path, 
     row_file = out / "rows" / "SASRec-seed2020.json"
     before = row_file.read_text()
     done = run_script("run.py", *common, "--models", "SASRec", cwd=tmp_path)
-    assert "== SASRec" not in done.stdout and row_file.read_text() == before
+    assert "== SASRec (seed 2020) ..." not in done.stdout and row_file.read_text() == before
+    assert "SASRec (seed 2020): reusing the finished row (same settings, code" in done.stdout
     done = run_script("run.py", *common, "--models", "SASRec", "--set", "hidden_size=8", cwd=tmp_path)
-    assert "== SASRec" in done.stdout
+    assert "== SASRec (seed 2020) ..." in done.stdout
+
+    # A row made by other code (another version of the package) is rerun, unless kept on purpose and reported.
+    made_by_other_code = {**json.loads(row_file.read_text()), "code_version": "0123456789ab", "commit": "abc"}
+    row_file.write_text(json.dumps(made_by_other_code))
+    done = run_script("run.py", *common, "--models", "SASRec", "--set", "hidden_size=8", "--keep_stale_rows",
+                      cwd=tmp_path)
+    assert "KEEPING a row made by other code (0123456789ab" in done.stdout
+    assert "Rows kept from other code (--keep_stale_rows): SASRec seed 2020 (code 0123456789ab, commit abc)" in \
+        (out / "results.md").read_text()
+    done = run_script("run.py", *common, "--models", "SASRec", "--set", "hidden_size=8", cwd=tmp_path)
+    assert "made by other code (0123456789ab" in done.stdout and "== SASRec (seed 2020) ..." in done.stdout
+    assert json.loads(row_file.read_text())["code_version"] != "0123456789ab"
 
 
 def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny_dataset):
@@ -78,6 +91,15 @@ def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny
     assert {"ss", "pp", summary["bo"]["best_arch"], summary["random"]["best_arch"]} == tested
     report = (out / "search.md").read_text()
     assert "all serial (ss)" in report and "all parallel (pp)" in report
+
+    # Run again: the finished test evaluations are reused, and it says so; written under another key (other
+    # settings or code), they are not.
+    args = ("search.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile),
+            "--out", str(out))
+    assert "reusing its finished test evaluations" in run_script(*args, cwd=tmp_path).stdout
+    (out / "search.json").write_text(json.dumps({**summary, "key": "0123456789ab"}))
+    assert "its results are not reused" in run_script(*args, cwd=tmp_path).stdout
+    assert json.loads((out / "search.json").read_text())["key"] == summary["key"]
 
 
 def test_diagnose_prints_losses_collapse_statistics_and_a_validation_estimate(tmp_path, tiny_dataset):

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_DATASET, assert_protocol_metrics
 from recbole.utils import init_seed
 
-from recbole_darec import compat, trainer
+from recbole_darec import compat, provenance, trainer
 from recbole_darec.config import Config
 from recbole_darec.hyper import hyper_tune
 from recbole_darec.model.adapters import get_architecture
@@ -97,7 +97,7 @@ def test_supernet_samples_an_architecture_per_batch(isolated_run, tiny_dataset, 
 
 
 def test_fixed_architecture_is_deterministic_and_refreshes_item_vectors(
-    isolated_run, tiny_dataset, fast_config, caplog
+    isolated_run, tiny_dataset, fast_config, caplog, monkeypatch
 ):
     config, train_data, valid_data = load(darec_config(tiny_dataset, fast_config, isolated_run))
     supernet = build_supernet(config, train_data, isolated_run / "supernet.pth")
@@ -124,8 +124,17 @@ def test_fixed_architecture_is_deterministic_and_refreshes_item_vectors(
     supernet.score(parallel, valid_data)
     assert supernet.score(serial, valid_data) == first
 
-    # A finished checkpoint is loaded, not retrained, by the next search; one trained with other settings is
-    # reused with a warning that names them.
+    # A search under other settings (or code) gets its own supernet and trial log, not this one's...
+    paths = search_paths(config, "bo")
+    for key, value in (("lambda_hard", 0.5), ("llm_learning_rate", 1e-3), ("MAX_ITEM_LIST_LENGTH", 7),
+                       ("item_cache_refresh", 3), ("search_valid_users", 5)):
+        other = search_paths({**config.final_config_dict, key: value}, "bo")
+        assert other.trial_log != paths.trial_log, key
+        assert (other.supernet != paths.supernet) == (key != "search_valid_users"), key  # scoring only: same weights
+    monkeypatch.setattr(provenance, "code_version", lambda plugin_models=True: "another-code")
+    assert search_paths(config, "bo").supernet != paths.supernet
+    monkeypatch.undo()
+    # ... and a checkpoint given by its path, trained with other settings, is reused with a warning naming them.
     config["lambda_hard"] = 0.5
     again = build_supernet(config, train_data, isolated_run / "supernet.pth")
     with caplog.at_level("WARNING"):
@@ -141,7 +150,7 @@ def test_search_bo_end_to_end_trains_the_best_architecture(isolated_run, tiny_da
     config_dict = darec_config(tiny_dataset, fast_config, isolated_run, search="bo")
     result = run_darec(model="DARec", dataset=TINY_DATASET, config_dict=config_dict)
 
-    paths = search_paths({**config_dict, "model": "DARec", "dataset": TINY_DATASET}, "bo")
+    paths = search_paths(Config(model="DARec", dataset=TINY_DATASET, config_dict=config_dict), "bo")
     trials = TrialLog(paths.trial_log).read()
     assert len(trials) == 4 and [t.method for t in trials] == ["random", "random", "bo", "bo"]
     assert len({t.arch for t in trials}) == 4

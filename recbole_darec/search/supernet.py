@@ -24,6 +24,7 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import init_seed, set_color
 
 from recbole_darec.compat import load_trusted_checkpoint
+from recbole_darec.provenance import artefact_key
 from recbole_darec.search.bo import METHODS, SearchResult, plot_search, run_search
 from recbole_darec.search.trial_log import TrialLog, arch_to_str, str_to_arch
 from recbole_darec.utils import get_model, get_trainer
@@ -50,9 +51,19 @@ SUPERNET_SETTINGS = (
     "cf_model",
     "lambda_cf",
     "learning_rate",
+    "llm_learning_rate",
     "train_batch_size",
+    "MAX_ITEM_LIST_LENGTH",
+    "item_cache_refresh",
+    "fresh_items_per_step",
+    "history_input",
+    "sequence_layers",
+    "whiten_dim",
+    "dropout_prob",
     "seed",
 )
+# ... and settings that change how a candidate is scored: a trial log is keyed on both.
+TRIAL_SETTINGS = (*SUPERNET_SETTINGS, "search_valid_users", "search_seed", "search_acq_optimizer", "valid_metric")
 
 
 @dataclass(frozen=True)
@@ -66,12 +77,16 @@ class SearchPaths:
 
 
 def search_paths(config: Any, method: str) -> SearchPaths:
+    """Named by model, dataset and a key of the settings and code that shaped them: a search under other settings
+    or another code version starts afresh instead of reusing them (the budget settings, search_epochs and
+    search_n_init/n_iter, are not in the key: a larger budget continues the same supernet and trial log)."""
     stem = Path(config["checkpoint_dir"]) / f"{config['model']}-{config['dataset']}"
+    supernet_key, trial_key = artefact_key(config, SUPERNET_SETTINGS), artefact_key(config, TRIAL_SETTINGS)
     return SearchPaths(
-        supernet=Path(f"{stem}-supernet.pth"),
-        trial_log=Path(f"{stem}-search-{method}.jsonl"),
-        best_arch=Path(f"{stem}-search-{method}-best-arch.txt"),
-        plot=Path(f"{stem}-search.png"),
+        supernet=Path(f"{stem}-supernet-{supernet_key}.pth"),
+        trial_log=Path(f"{stem}-search-{method}-{trial_key}.jsonl"),
+        best_arch=Path(f"{stem}-search-{method}-{trial_key}-best-arch.txt"),
+        plot=Path(f"{stem}-search-{trial_key}.png"),
     )
 
 
