@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from darec_testing import BACKBONES, build, darec_settings, one_torch_thread, trainer_for, write_text_dataset
 
+from recbole_darec.model import darec as darec_module
 from recbole_darec.model.item_states import encode_item_text, pca_whitening
 
 
@@ -43,6 +44,26 @@ def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model):
                                    msg=lambda m, slot=slot: f"item {slot + 1} leaked into earlier states: {m}")
         assert (changed[0, slot] - base[0, slot]).abs().max() > 1e-4  # the perturbation reached its own slot
         torch.testing.assert_close(changed[1, :3], base[1, :3], rtol=0, atol=1e-5)
+
+
+def test_length_groups_give_the_states_of_one_padded_batch(tmp_path, text_data, monkeypatch):
+    """Rows run in groups of similar length, each cut to its longest row: the same states as every row padded to
+    the batch's longest, for every real slot."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0]))
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    seq_len = torch.tensor([1, 7, 2, 2, 5, 1, 3, 7, 4])
+    seq = torch.randint(1, model.n_items, (len(seq_len), 7), generator=generator)
+    seq[torch.arange(7)[None, :] >= seq_len[:, None]] = 0
+    with torch.no_grad():
+        grouped = model.encode_item_histories(seq, seq_len)
+        monkeypatch.setattr(darec_module, "HISTORY_GROUP_ROWS", 3)
+        small_groups = model.encode_item_histories(seq, seq_len)
+        monkeypatch.setattr(darec_module, "HISTORY_GROUP_ROWS", 1000)
+        one_batch = model.encode_item_histories(seq, seq_len)
+    real = torch.arange(7)[None, :] < seq_len[:, None]
+    torch.testing.assert_close(small_groups[real], one_batch[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped[real], one_batch[real], rtol=1e-5, atol=1e-5)
 
 
 def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text_data):

@@ -28,6 +28,9 @@ from recbole_darec.model.layout import SpecialTokens, pack_items, pack_sequences
 from recbole_darec.model.losses import cooccurrence_matrix, hard_negative_loss, info_nce, mine_hard_negatives
 from recbole_darec.model.masks import attention_mask
 
+# Item-level mode: histories are run through the top layers in groups of this many rows of similar length.
+HISTORY_GROUP_ROWS = 16
+
 
 class DARec(SequentialRecommender):
     input_type = InputType.POINTWISE
@@ -281,7 +284,13 @@ class DARec(SequentialRecommender):
         # One block per position: the context mask reduces to a causal one; padding slots are block -1.
         slot_blocks = torch.where(slot_valid, torch.arange(1, n_slots + 1, device=seq_items.device), -1)
         prefix_blocks = torch.zeros(batch, n_prefix, dtype=torch.long, device=seq_items.device)
-        hidden = self._run_llm(inputs, torch.cat([prefix_blocks, slot_blocks], dim=1), context_masking=False)
+        block_ids = torch.cat([prefix_blocks, slot_blocks], dim=1)  # (B, P+L)
+        # Histories are short with a long tail (amazon-scientific: mean 5 items, up to 50): rows of similar length
+        # run together, each group cut to its own longest row, instead of every row padded to the batch's longest.
+        hidden = torch.zeros_like(inputs)
+        for rows in torch.argsort(seq_len).split(HISTORY_GROUP_ROWS):
+            width = n_prefix + int(seq_len[rows].max())
+            hidden[rows, :width] = self._run_llm(inputs[rows, :width], block_ids[rows, :width], context_masking=False)
         return hidden[:, n_prefix:]  # (B, L, H)
 
     def encode_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
