@@ -3,7 +3,8 @@
 Benchmark rows, supernet checkpoints and search logs are keyed on ``artefact_key(settings)``: a digest of the
 settings that shape them and of ``code_version()``, a digest of the package's own sources and yaml files. A
 content digest, not only the git commit: it also covers uncommitted edits and installed wheels. The commit is
-recorded beside it for people (``git_commit``).
+recorded beside it for people (``git_commit``). Neither is cached: a benchmark process that runs for hours
+stamps each row with the code as it is when the row starts.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import json
 import subprocess
 from collections.abc import Iterable, Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PLUGIN_MODEL_PARTS = ("model", "search")
 
 
-@cache
 def code_version(plugin_models: bool = True) -> str:
     """12 hex digits over the package's .py and .yaml files (``plugin_models=False``: without model/ and search/)."""
     from recbole_darec.config import PROPERTIES_DIR
@@ -36,7 +35,6 @@ def code_version(plugin_models: bool = True) -> str:
     return digest.hexdigest()[:12]
 
 
-@cache
 def git_commit() -> str | None:
     """The checkout's commit (with ``+changes`` when tracked files differ from it), or None outside git."""
     def git(*args: str) -> str:
