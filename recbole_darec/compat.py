@@ -38,10 +38,27 @@ if not hasattr(_sparse.dok_matrix, "_update"):
 
 
 def load_trusted_checkpoint(path: str, map_location=None) -> dict:
-    """Load a checkpoint written by this plugin's trainer (full pickle: only for files you trust)."""
+    """Load a checkpoint written by this plugin's trainer (full pickle: only for files you trust).
+
+    A file that is not one (cut short by an interrupted copy, or another kind of file) is a ValueError that names
+    it, not torch's unpickling traceback."""
+    import pickle
+    import zipfile
+
     import torch
 
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError,
+            AttributeError, ImportError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]}); it may be "
+                         "truncated (an interrupted copy or run) or another kind of file: give a .pth written by "
+                         "run_darec.py.") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a RecBole checkpoint (no 'state_dict'): give a .pth written by run_darec.py.")
+    return checkpoint
 
 
 _anomaly_detection_undone = False

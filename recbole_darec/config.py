@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import os
 from pathlib import Path
 
 import recbole
 import torch
+import yaml
 from recbole.config import Config as RecBoleConfig
-from recbole.utils import ModelType
+from recbole.utils import ModelType, argument_list
 
 from recbole_darec.utils import get_model
 
@@ -29,6 +32,9 @@ def _properties_dir() -> Path:
 
 
 PROPERTIES_DIR = _properties_dir()
+# Settings RecBole reads without a default in any yaml (distributed runs, the model and dataset themselves).
+KNOWN_WITHOUT_DEFAULT = {"model", "dataset", "config_files", "local_rank", "world_size", "nproc", "ip", "port",
+                         "offset", "gpu_id", "use_gpu", "single_spec", "device"}
 RECBOLE_PROPERTIES_DIR = Path(recbole.__file__).resolve().parent / "properties"
 
 
@@ -55,6 +61,41 @@ class Config(RecBoleConfig):
             if dataset is None:
                 raise KeyError("dataset must be given: --dataset=<name>, a config file or config_dict['dataset']")
         return model_name, model_class, dataset
+
+    def _load_config_files(self, file_list):
+        # RecBole lets yaml's own error through: a multi-line traceback. Say which file and line, in one line.
+        for file in file_list or []:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"--config_files: {file} not found (paths are relative to {os.getcwd()}).")
+            with open(file, encoding="utf-8") as handle:
+                try:
+                    loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
+                except yaml.YAMLError as exc:
+                    mark = getattr(exc, "problem_mark", None)
+                    where = f", line {mark.line + 1}" if mark is not None else ""
+                    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+                    raise ValueError(f"{file}{where}: not valid yaml ({problem}); settings are `key: value` "
+                                     "lines.") from None
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"{file}: expected `key: value` lines, found a {type(loaded).__name__}.")
+        return super()._load_config_files(file_list)
+
+    def _check_setting_names(self) -> None:
+        """A setting that is not one, but close to one (``--learning_rat=...``), is a typo: stop and name the
+        setting meant. Names close to none pass: a user's own model may read settings of its own."""
+        known = set(self.internal_config_dict) | KNOWN_WITHOUT_DEFAULT
+        for group in (argument_list.general_arguments, argument_list.training_arguments,
+                      argument_list.evaluation_arguments, argument_list.dataset_arguments):
+            known.update(group)
+        sources = (("the command line", self.cmd_config_dict), ("config_dict", self.variable_config_dict),
+                   ("--config_files", self.file_config_dict))
+        for source, settings in sources:
+            for key in settings:
+                if key in known:
+                    continue
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+                if close:
+                    raise ValueError(f"unknown setting '{key}' (from {source}): did you mean '{close[0]}'?")
 
     def _convert_config_dict(self, config_dict):
         # The yaml files write "no value" as ~ (llm_layers: ~, cf_model: ~); RecBole's conversion of command-line
@@ -84,6 +125,7 @@ class Config(RecBoleConfig):
                 if loaded and file.parent.name == "dataset":
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
         self._load_time_column()
+        self._check_setting_names()
 
     def _set_default_parameters(self):
         super()._set_default_parameters()

@@ -14,6 +14,7 @@ from recbole_darec.data import create_dataset
 from recbole_darec.data.checks import (
     check_dataset_files,
     check_inter_file,
+    check_item_file,
     check_positive_settings,
     empty_after_filtering_error,
     warn_short_users,
@@ -31,6 +32,7 @@ def load_data(config: Config):
         ensure_dataset(config["dataset"], data_root, raw_dir=config["raw_dir"], url_base=config["raw_url_base"])
     check_dataset_files(config)
     check_inter_file(config)
+    check_item_file(config)
     check_positive_settings(config)
     try:
         dataset = create_dataset(config)
@@ -103,8 +105,6 @@ def run_darec(
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    # RecBole's init_logger checks for ./log/<model> and then creates it: processes of a distributed run race there.
-    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)
     init_logger(config)
     logger = getLogger()
     logger.info(config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import torch
 from recbole.data.interaction import Interaction
@@ -55,7 +54,15 @@ class Recommender:
         self.sentences = list(getattr(train_data._dataset, "item_sentences", None) or [""] * len(self.id2token))
 
     def item_ids(self, history: list[str]) -> list[int]:
-        unknown = [item for item in history if item not in self.token2id or item == "[PAD]"]
+        if "[PAD]" in history or ("0" in history and "0" not in self.token2id):
+            raise UnknownItemError("--history holds a padding id ([PAD] / 0): RecBole's placeholder for 'no item'; "
+                                   "give only the raw ids of real items, oldest first.")
+        repeated = sorted({item for item in history if history.count(item) > 1})
+        if repeated:
+            # A repeat in a history given by hand is most likely a pasting mistake, and it weighs that item twice.
+            raise UnknownItemError(f"--history names {', '.join(repeated)} more than once; give each item of the "
+                                   "history once, oldest first.")
+        unknown = [item for item in history if item not in self.token2id]
         if unknown:
             examples = ", ".join(self.id2token[1:4])
             raise UnknownItemError(
@@ -113,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     history = [item.strip() for item in args.history.split(",") if item.strip()]
     # RecBole's Config (inside load_data's helpers) must not read this command line as --key=value settings.
     sys.argv = sys.argv[:1]
-    # pandas' FutureWarnings from RecBole's loader would bury the table (or the one-line error) on stderr.
-    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         rows = recommend(args.checkpoint, history, topk=args.topk, exclude_history=args.exclude_history)
     except (UnknownItemError, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -388,3 +388,118 @@ def test_bad_input_loses_no_checkpoint_and_no_prepared_data(tmp_path, text_data,
     assert "\n" not in str(info.value) and user_error_message(info.value)
     assert _snapshot(tmp_path / "saved") == before["saved"]
     assert _snapshot(data_folder) == before["data"]
+
+
+# ----- more bad input (issue 14): each stops with one line and loses nothing --------------------------------------
+def _edit_file(path: Path, edit) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(edit(lines)) + ("\n" if lines else ""), encoding="utf-8")
+
+
+def _with_time(value: str):
+    def edit(lines):
+        user, item, _ = lines[4].split("\t")
+        return [*lines[:4], f"{user}\t{item}\t{value}", *lines[5:]]
+
+    return edit
+
+
+def _run(tmp_path, text_data, config_file_list=None, **overrides):
+    """A second run of the earlier one's settings (same checkpoint folder), with ``overrides``."""
+    return lambda: run_darec("DARec", text_data[1], config_file_list=config_file_list,
+                             config_dict=settings(tmp_path, text_data, "saved", epochs=2, **overrides))
+
+
+def _inter(text_data) -> Path:
+    return Path(text_data[0]) / text_data[1] / f"{text_data[1]}.inter"
+
+
+def _item(text_data) -> Path:
+    return Path(text_data[0]) / text_data[1] / f"{text_data[1]}.item"
+
+
+def _truncated_checkpoint(tmp_path, text_data, trainer):
+    broken = tmp_path / "copied-halfway.pth"
+    data = Path(trainer.last_checkpoint_file).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    return _run(tmp_path, text_data, resume=str(broken))
+
+
+def _not_a_checkpoint(tmp_path, text_data, trainer):
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not a checkpoint\n", encoding="utf-8")
+    return _run(tmp_path, text_data, resume=str(notes))
+
+
+def _cf_checkpoint_of_another_dataset(tmp_path, text_data, trainer):
+    other = tmp_path / "BPR-of-ml-100k.pth"
+    torch.save({"state_dict": {}, "config": {"model": "BPR", "dataset": "ml-100k"}}, other)
+    return _run(tmp_path, text_data, cf_model="BPR", cf_checkpoint=str(other))
+
+
+def _config_file_with_a_syntax_error(tmp_path, text_data, trainer):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("epochs: 2\nlearning_rate: 0.01\nadapter_arch: [s, p\nseed: 1\n", encoding="utf-8")
+    return _run(tmp_path, text_data, config_file_list=[str(bad)])
+
+
+def _dataset_folder_that_is_a_file(tmp_path, text_data, trainer):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / text_data[1]).write_text("user_id:token\titem_id:token\n", encoding="utf-8")
+    return _run(tmp_path, (str(elsewhere), text_data[1]))
+
+
+def _history(*items):
+    return lambda tmp_path, text_data, trainer: lambda: recommend(trainer.saved_model_file, list(items))
+
+
+MORE_BAD_INPUTS = {
+    # case: (set up the bad input and return the call that must fail, words the one-line message must hold)
+    "duplicate .inter header names": (
+        lambda tmp_path, text_data, trainer: _edit_file(_inter(text_data), lambda lines: [
+            lines[0].replace("timestamp:float", "item_id:float"), *lines[1:]]) or _run(tmp_path, text_data),
+        ["line 1", "names item_id more than once"]),
+    "NaN timestamp": (
+        lambda tmp_path, text_data, trainer: _edit_file(_inter(text_data), _with_time("nan"))
+        or _run(tmp_path, text_data), ["line 5", "'timestamp' is 'nan'", "non-negative"]),
+    "negative timestamp": (
+        lambda tmp_path, text_data, trainer: _edit_file(_inter(text_data), _with_time("-3"))
+        or _run(tmp_path, text_data), ["line 5", "'timestamp' is '-3'", "non-negative"]),
+    "empty .item file": (
+        lambda tmp_path, text_data, trainer: _item(text_data).write_text("") and None or _run(tmp_path, text_data),
+        [".item is empty", "remove the file"]),
+    ".item with another id column name": (
+        lambda tmp_path, text_data, trainer: _edit_file(_item(text_data), lambda lines: [
+            lines[0].replace("item_id:token", "product_id:token"), *lines[1:]]) or _run(tmp_path, text_data),
+        [".item, line 1: no 'item_id' column (needed by ITEM_ID_FIELD)"]),
+    "truncated --resume file": (_truncated_checkpoint, ["copied-halfway.pth: not a readable checkpoint", "truncated"]),
+    "--resume file that is not a checkpoint": (_not_a_checkpoint, ["notes.pth: not a readable checkpoint"]),
+    "cf_checkpoint of another dataset": (_cf_checkpoint_of_another_dataset,
+                                         ["was trained on dataset 'ml-100k'", "--model=BPR --dataset=tiny-text"]),
+    "config file with a yaml syntax error": (_config_file_with_a_syntax_error, ["mine.yaml, line 4: not valid yaml"]),
+    "unknown setting close to a real one": (
+        lambda tmp_path, text_data, trainer: _run(tmp_path, text_data, lerning_rate=0.01),
+        ["unknown setting 'lerning_rate'", "did you mean 'learning_rate'?"]),
+    "dataset folder that is a file": (_dataset_folder_that_is_a_file, ["is a file, not a dataset folder"]),
+    "--history with a repeated id": (_history("i001", "i002", "i001"), ["names i001 more than once"]),
+    "--history with a padding id": (_history("i001", "[PAD]"), ["padding id"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD_INPUTS))
+def test_more_bad_input_stops_with_one_line_and_loses_nothing(tmp_path, text_data, case):
+    set_up, expected = MORE_BAD_INPUTS[case]
+    trainer, _ = train(tmp_path, text_data, "saved", epochs=1)  # a previous run's checkpoints and item caches
+    call = set_up(tmp_path, text_data, trainer)
+    data_folder = Path(text_data[0])
+    before = {"saved": _snapshot(tmp_path / "saved"), "data": _snapshot(data_folder)}
+    assert before["saved"] and before["data"]
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        call()
+    message = user_error_message(info.value)
+    assert message is not None and "\n" not in message, message
+    for words in expected:
+        assert words in message, message
+    assert _snapshot(tmp_path / "saved") == before["saved"]
+    assert _snapshot(data_folder) == before["data"]

@@ -41,6 +41,11 @@ def check_dataset_files(config) -> None:
     inter_file = inter_file_path(config)
     if os.path.isfile(inter_file):
         return
+    if os.path.isfile(data_path):
+        raise FileNotFoundError(
+            f"{data_path} is a file, not a dataset folder (dataset '{config['dataset']}'): the atomic files go in a "
+            f"folder {data_path}/ (<dataset>.inter, .item), or set --data_path to the folder that holds it."
+        )
     what = "file" if os.path.isdir(data_path) else "dataset folder"
     raise FileNotFoundError(
         f"{what} not found: {inter_file if what == 'file' else data_path} (dataset '{config['dataset']}'); put the "
@@ -69,6 +74,10 @@ def check_inter_file(config) -> None:
         header_line = handle.readline().rstrip("\r\n")
         header = [cell.split(":", 1) for cell in header_line.split(separator)]
         names = [cell[0].strip() for cell in header]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{inter_file}, line 1: the header {header_line!r} names {', '.join(repeated)} more than "
+                             "once; give every column its own name.")
         needed = _needed_columns(config)
         for name, setting in needed.items():
             if name not in names:
@@ -87,14 +96,52 @@ def check_inter_file(config) -> None:
             for index, name in float_columns:
                 value = cells[index].strip() if index < len(cells) else ""
                 try:
-                    float(value)
+                    number = float(value)
                 except ValueError:
                     raise ValueError(
                         f"{inter_file}, line {line_number}: '{name}' is {value!r}, not a number; "
                         f"'{name}:float' columns must hold numbers (timestamps as Unix seconds). Fix or drop the row."
                     ) from None
+                # The split orders each user's interactions by time: NaN sorts nowhere, a negative time is a
+                # broken export.
+                if name == config["TIME_FIELD"] and not number >= 0:
+                    raise ValueError(
+                        f"{inter_file}, line {line_number}: '{name}' is {value!r}; timestamps order the interactions "
+                        "and must be non-negative numbers (Unix seconds, or 0, 1, 2, ... in time order). Fix or "
+                        "drop the row."
+                    )
     if rows == 0:
         raise ValueError(f"{inter_file} has no interactions (only the header line); add rows, one per interaction.")
+
+
+def check_item_file(config) -> None:
+    """An ``.item`` file that the run reads (item text for DARec-family models, or ``load_col.item``) has a header
+    with the item id column (named once) and at least one row. Without the file a run has no item text: that is
+    allowed (a warning), a broken one is not."""
+    item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+    load_col = config["load_col"]
+    reads_item_file = config["item_max_tokens"] is not None or (isinstance(load_col, dict) and "item" in load_col)
+    if not (reads_item_file and os.path.isfile(item_file)):
+        return
+    separator = config["field_separator"] or "\t"
+    with open(item_file, encoding=config["encoding"] or "utf-8", errors="replace") as handle:
+        header_line = handle.readline().rstrip("\r\n")
+        has_rows = any(line.strip() for line in handle)
+    if not header_line.strip():
+        raise ValueError(f"{item_file} is empty; write a header line (e.g. 'item_id:token\ttitle:token_seq') and one "
+                         "row per item, or remove the file (items then have no text).")
+    names = [cell.split(":", 1)[0].strip() for cell in header_line.split(separator)]
+    item_id = config["ITEM_ID_FIELD"]
+    if item_id not in names:
+        raise ValueError(f"{item_file}, line 1: no '{item_id}' column (needed by ITEM_ID_FIELD) in the header "
+                         f"{header_line!r}; name the id column '{item_id}:token' as in the .inter file.")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{item_file}, line 1: the header {header_line!r} names {', '.join(repeated)} more than "
+                         "once; give every column its own name.")
+    if not has_rows:
+        raise ValueError(f"{item_file} has no items (only the header line); add one row per item, or remove the "
+                         "file (items then have no text).")
 
 
 def empty_after_filtering_error(config) -> ValueError:

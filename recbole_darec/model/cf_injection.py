@@ -131,7 +131,7 @@ class CFInjection(nn.Module):
         checkpoint_path = config["cf_checkpoint"]
         checkpoint = load_trusted_checkpoint(checkpoint_path, map_location="cpu") if checkpoint_path else None
         if checkpoint is not None:
-            self._check_checkpoint_model(checkpoint, checkpoint_path)
+            self._check_checkpoint_model(checkpoint, checkpoint_path, config["dataset"])
 
         # Hyper-parameters: the model's yaml < the checkpoint's values (so its shapes fit) < cf_config.
         loader = getattr(config, "yaml_loader", None) or yaml.FullLoader  # RecBole's: reads 1e-05 as a float
@@ -182,13 +182,17 @@ class CFInjection(nn.Module):
         nn.init.zeros_(self.item_projection[-1].bias)
 
     # ----- checkpoints ---------------------------------------------------------------------------------------
-    def _check_checkpoint_model(self, checkpoint, path: str) -> None:
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"cf_checkpoint={path}: not a RecBole checkpoint (no 'state_dict')")
-        saved_model = checkpoint["config"]["model"] if checkpoint.get("config") is not None else None
+    def _check_checkpoint_model(self, checkpoint, path: str, dataset_name: str) -> None:
+        saved = checkpoint.get("config")
+        saved_model = saved["model"] if saved is not None else None
         if saved_model is not None and saved_model != self.name:
             raise ValueError(f"cf_checkpoint={path} holds a {saved_model} model, but cf_model={self.name}: "
                              f"set cf_model: {saved_model} or give a {self.name} checkpoint")
+        # Ids of another dataset name other users and items, even where the sizes happen to fit.
+        if saved is not None and saved["dataset"] != dataset_name:
+            raise ValueError(f"cf_checkpoint={path} was trained on dataset {saved['dataset']!r}, this run uses "
+                             f"{dataset_name!r}: train one on it first (run_darec.py --model={self.name} "
+                             f"--dataset={dataset_name}) and pass that checkpoint.")
 
     def _load_checkpoint(self, checkpoint, path: str, dataset_name: str) -> None:
         state = checkpoint["state_dict"]
@@ -206,10 +210,6 @@ class CFInjection(nn.Module):
                 f"{unexpected[:4]}. A CF checkpoint must come from the same dataset (same users and items) and the "
                 "same hyper-parameters (cf_config)."
             )
-        if checkpoint.get("config") is not None and checkpoint["config"]["dataset"] != dataset_name:
-            warnings.warn(f"cf_checkpoint={path} was trained on {checkpoint['config']['dataset']!r}, this run uses "
-                          f"{dataset_name!r}: the sizes fit, but the ids must mean the same users and items",
-                          stacklevel=3)
         self.cf_model.load_state_dict(state)
         self.cf_model.load_other_parameter(checkpoint.get("other_parameter"))
 
