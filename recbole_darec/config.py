@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -36,6 +37,22 @@ PROPERTIES_DIR = _properties_dir()
 KNOWN_WITHOUT_DEFAULT = {"model", "dataset", "config_files", "local_rank", "world_size", "nproc", "ip", "port",
                          "offset", "gpu_id", "use_gpu", "single_spec", "device"}
 RECBOLE_PROPERTIES_DIR = Path(recbole.__file__).resolve().parent / "properties"
+
+
+@functools.cache
+def every_setting_name() -> frozenset[str]:
+    """Every setting some yaml of RecBole or of this plugin defines, for any model or dataset (a setting of
+    another model than this run's is not a typo: shared config files carry them), and RecBole's argument lists."""
+    names = set(KNOWN_WITHOUT_DEFAULT)
+    for group in (argument_list.general_arguments, argument_list.training_arguments,
+                  argument_list.evaluation_arguments, argument_list.dataset_arguments):
+        names.update(group)
+    for folder in (RECBOLE_PROPERTIES_DIR, PROPERTIES_DIR):
+        for file in folder.rglob("*.yaml"):
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                names.update(str(key) for key in loaded)
+    return frozenset(names)
 
 
 class Config(RecBoleConfig):
@@ -83,10 +100,7 @@ class Config(RecBoleConfig):
     def _check_setting_names(self) -> None:
         """A setting that is not one, but close to one (``--learning_rat=...``), is a typo: stop and name the
         setting meant. Names close to none pass: a user's own model may read settings of its own."""
-        known = set(self.internal_config_dict) | KNOWN_WITHOUT_DEFAULT
-        for group in (argument_list.general_arguments, argument_list.training_arguments,
-                      argument_list.evaluation_arguments, argument_list.dataset_arguments):
-            known.update(group)
+        known = set(self.internal_config_dict) | every_setting_name()
         sources = (("the command line", self.cmd_config_dict), ("config_dict", self.variable_config_dict),
                    ("--config_files", self.file_config_dict))
         for source, settings in sources:
