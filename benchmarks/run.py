@@ -183,6 +183,8 @@ def main() -> None:
                         help="measure the speed figures of --models without training rows (writes speed.md)")
     parser.add_argument("--keep_stale_rows", action="store_true",
                         help="keep finished rows made by another code version (they are listed in the report)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="write the report from the finished rows; train nothing (rows still running are left out)")
     parser.add_argument("--reference", default="SASRec", help="variant the significance marks compare against")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting in every row (yaml value), e.g. --set epochs=1")
@@ -211,9 +213,12 @@ def main() -> None:
             stem = out_dir / "rows" / f"{variant}-seed{seed}"
             config_file, result_file = Path(f"{stem}.config.json"), Path(f"{stem}.json")
             same_config = config_file.exists() and json.loads(config_file.read_text()) == settings
-            config_file.write_text(json.dumps(settings, indent=1))
-            code = row_code_version(model)
+            code, commit = row_code_version(model), git_commit()  # the code this row runs, taken at its start
             if not reusable(result_file, same_config, code, args.keep_stale_rows, f"{variant} (seed {seed})"):
+                if args.report_only:
+                    print(f"== {variant} (seed {seed}): no finished row, left out (--report_only)", flush=True)
+                    continue
+                config_file.write_text(json.dumps(settings, indent=1))
                 print(f"== {variant} (seed {seed}) ...", flush=True)
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "row", model,
@@ -223,7 +228,7 @@ def main() -> None:
                     continue
                 print(f"   done in {time.perf_counter() - start:.0f}s", flush=True)
                 result = json.loads(result_file.read_text())
-                result_file.write_text(json.dumps({**result, "code_version": code, "commit": git_commit()},
+                result_file.write_text(json.dumps({**result, "code_version": code, "commit": commit},
                                                   default=float, indent=1))
             row = json.loads(result_file.read_text())
             rows.append({"variant": variant, "seed": seed, "config": settings, **row})
@@ -254,7 +259,7 @@ def main() -> None:
               f"{os.cpu_count()} CPU cores, {platform.python_version()}.\n"
               f"Command: python benchmarks/run.py --dataset={args.dataset} --models={args.models} "
               f"--profile={args.profile} --seeds={args.seeds}{' --speed' if args.speed else ''}"
-              f"{' --speed_only' if args.speed_only else ''}"
+              f"{' --speed_only' if args.speed_only else ''}{' --keep_stale_rows' if args.keep_stale_rows else ''}"
               + "".join(f" --set {item}" for item in args.set) + "\n"
               f"Code: {row_code_version('DARec')} (plugin models), {row_code_version('SASRec')} (RecBole models), "
               f"commit {git_commit()}.\n"

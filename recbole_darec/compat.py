@@ -56,8 +56,9 @@ def load_trusted_checkpoint(path: str, map_location=None) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]}); it may be "
                          "truncated (an interrupted copy or run) or another kind of file: give a .pth written by "
                          "run_darec.py.") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a RecBole checkpoint (no 'state_dict'): give a .pth written by run_darec.py.")
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint: give a .pth written by "
+                         "run_darec.py.")
     return checkpoint
 
 

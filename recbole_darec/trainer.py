@@ -154,6 +154,9 @@ class Trainer(RecBoleTrainer):
     def resume_checkpoint(self, resume_file):
         resume_file = str(resume_file)
         checkpoint = load_trusted_checkpoint(resume_file, map_location=self.device)
+        if "state_dict" not in checkpoint or "epoch" not in checkpoint:
+            raise ValueError(f"--resume={resume_file}: not a training checkpoint (no weights or epoch); give a "
+                             "saved/<Model>-<time>-last.pth or .pth written by run_darec.py.")
         check_checkpoint_matches(checkpoint, self.config, resume_file)
         self.saved_model_file = resume_file
         self.start_epoch = checkpoint["epoch"] + 1

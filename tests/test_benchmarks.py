@@ -76,6 +76,10 @@ def test_run_writes_the_report_keeps_finished_rows_and_measures_speed(tmp_path, 
     assert "KEEPING a row made by other code (0123456789ab" in done.stdout
     assert "Rows kept from other code (--keep_stale_rows): SASRec seed 2020 (code 0123456789ab, commit abc)" in \
         (out / "results.md").read_text()
+    done = run_script("run.py", *common, "--models", "SASRec,DARec", "--seeds", "2020,2021", "--set",
+                      "hidden_size=8", "--report_only", "--keep_stale_rows", cwd=tmp_path)  # trains nothing
+    assert "== SASRec (seed 2021): no finished row, left out (--report_only)" in done.stdout
+    assert "== SASRec (seed 2021) ..." not in done.stdout and "| SASRec | 1 |" in (out / "results.md").read_text()
     done = run_script("run.py", *common, "--models", "SASRec", "--set", "hidden_size=8", cwd=tmp_path)
     assert "made by other code (0123456789ab" in done.stdout and "== SASRec (seed 2020) ..." in done.stdout
     assert json.loads(row_file.read_text())["code_version"] != "0123456789ab"

@@ -183,6 +183,8 @@ class CFInjection(nn.Module):
 
     # ----- checkpoints ---------------------------------------------------------------------------------------
     def _check_checkpoint_model(self, checkpoint, path: str, dataset_name: str) -> None:
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"cf_checkpoint={path}: not a RecBole checkpoint (no 'state_dict')")
         saved = checkpoint.get("config")
         saved_model = saved["model"] if saved is not None else None
         if saved_model is not None and saved_model != self.name:
