@@ -38,6 +38,9 @@ class Recommender:
         if not torch.cuda.is_available():  # a checkpoint trained on a GPU still recommends on a CPU machine
             config["device"] = torch.device("cpu")
         config["show_progress"] = False
+        # A Config unpickled from a checkpoint skipped its __init__, which restores the numpy aliases RecBole's
+        # evaluator still uses (np.float in NDCG): without them evaluating this model fails.
+        config.compatibility_settings()
         self.config = config
         init_seed(config["seed"], config["reproducibility"])
         dataset, train_data, _, _ = load_data(config)

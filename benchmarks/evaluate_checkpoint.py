@@ -1,0 +1,45 @@
+"""Valid and test metrics of a saved checkpoint, with the protocol it was trained under (its pickled config).
+
+    python benchmarks/evaluate_checkpoint.py --checkpoint=benchmarks/results/<...>/saved/DARec-<time>.pth
+
+For a run that is still training (or was stopped), this scores its best checkpoint so far: a snapshot, not a
+converged row. Copy the file first if the run is still writing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import recbole_darec  # noqa: F401  (compat first)
+from recbole_darec.compat import load_trusted_checkpoint
+from recbole_darec.recommend import Recommender
+from recbole_darec.utils import get_trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config must not read this command line
+
+    from recbole_darec.quick_start import load_data
+
+    saved = Recommender(args.checkpoint)  # the model rebuilt from the checkpoint's config, weights loaded
+    config = saved.config
+    _, _, valid_data, test_data = load_data(config)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, saved.model)
+    result = {"checkpoint": args.checkpoint,
+              "epoch": load_trusted_checkpoint(args.checkpoint, map_location="cpu").get("epoch")}
+    for name, data in (("valid", valid_data), ("test", test_data)):
+        start = time.perf_counter()
+        metrics = trainer.evaluate(data, load_best_model=False, show_progress=False)
+        result[name] = {key: round(float(value), 4) for key, value in metrics.items()}
+        result[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
