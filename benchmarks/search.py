@@ -68,9 +68,9 @@ def main() -> None:
     elif summary:
         print(f"{summary_file}: reusing its finished test evaluations (same settings and code, key {key})",
               flush=True)
-    summary.update({"key": key, "commit": git_commit()})
     machine = platform.processor() or platform.machine()
-    summary.update({"dataset": args.dataset, "settings": settings, "machine": machine})
+    summary.update({"key": key, "commit": git_commit(), "dataset": args.dataset, "settings": settings,
+                    "machine": machine})
 
     supernet_start = time.perf_counter()
     supernet = build_supernet(config, train_data, search_paths(config, "bo").supernet)

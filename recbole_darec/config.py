@@ -80,7 +80,9 @@ class Config(RecBoleConfig):
         return model_name, model_class, dataset
 
     def _load_config_files(self, file_list):
-        # RecBole lets yaml's own error through: a multi-line traceback. Say which file and line, in one line.
+        # RecBole's own loop, except that it let yaml's error through as a multi-line traceback: say which file and
+        # line, in one line.
+        file_config_dict = {}
         for file in file_list or []:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"--config_files: {file} not found (paths are relative to {os.getcwd()}).")
@@ -95,7 +97,8 @@ class Config(RecBoleConfig):
                                      "lines.") from None
             if loaded is not None and not isinstance(loaded, dict):
                 raise ValueError(f"{file}: expected `key: value` lines, found a {type(loaded).__name__}.")
-        return super()._load_config_files(file_list)
+            file_config_dict.update(loaded or {})
+        return file_config_dict
 
     def _check_setting_names(self) -> None:
         """A setting that is not one, but close to one (``--learning_rat=...``), is a typo: stop and name the

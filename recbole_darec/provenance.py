@@ -48,8 +48,8 @@ def git_commit() -> str | None:
         return None
 
 
-def artefact_key(settings: Mapping[str, Any], keys: Iterable[str] | None = None, plugin_models: bool = True) -> str:
-    """12 hex digits over ``settings`` (only ``keys`` of them, if given) and the code version."""
-    chosen = {key: settings[key] if key in settings else None for key in keys} if keys is not None else dict(settings)
-    text = json.dumps(chosen, sort_keys=True, default=str) + code_version(plugin_models)
+def artefact_key(settings: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """12 hex digits over the ``keys`` of ``settings`` and the (whole package's) code version."""
+    chosen = {key: settings[key] if key in settings else None for key in keys}
+    text = json.dumps(chosen, sort_keys=True, default=str) + code_version()
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -291,12 +291,22 @@ def test_run_darec_uses_resume_setting(tmp_path, text_data):
 
 
 # ----- bad .inter files and filters ----------------------------------------------------------------------------
+def _inter(text_data) -> Path:
+    return Path(text_data[0]) / text_data[1] / f"{text_data[1]}.inter"
+
+
+def _item(text_data) -> Path:
+    return Path(text_data[0]) / text_data[1] / f"{text_data[1]}.item"
+
+
+def _rewrite(path: Path, edit) -> Path:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n", encoding="utf-8")
+    return path
+
+
 def _rewrite_inter(text_data, edit) -> Path:
-    data_path, name = text_data
-    inter_file = Path(data_path) / name / f"{name}.inter"
-    lines = inter_file.read_text(encoding="utf-8").splitlines()
-    inter_file.write_text("\n".join(edit(lines)) + "\n", encoding="utf-8")
-    return inter_file
+    return _rewrite(_inter(text_data), edit)
 
 
 def _load_error(tmp_path, text_data, **overrides) -> str:
@@ -391,11 +401,6 @@ def test_bad_input_loses_no_checkpoint_and_no_prepared_data(tmp_path, text_data,
 
 
 # ----- more bad input (issue 14): each stops with one line and loses nothing --------------------------------------
-def _edit_file(path: Path, edit) -> None:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    path.write_text("\n".join(edit(lines)) + ("\n" if lines else ""), encoding="utf-8")
-
-
 def _with_time(value: str):
     def edit(lines):
         user, item, _ = lines[4].split("\t")
@@ -410,12 +415,18 @@ def _run(tmp_path, text_data, config_file_list=None, **overrides):
                              config_dict=settings(tmp_path, text_data, "saved", epochs=2, **overrides))
 
 
-def _inter(text_data) -> Path:
-    return Path(text_data[0]) / text_data[1] / f"{text_data[1]}.inter"
+def _edited(path_of, edit):
+    """Set-up of a case whose bad input is an edit of a data file, then the same run again."""
+    def set_up(tmp_path, text_data, trainer):
+        _rewrite(path_of(text_data), edit)
+        return _run(tmp_path, text_data)
+
+    return set_up
 
 
-def _item(text_data) -> Path:
-    return Path(text_data[0]) / text_data[1] / f"{text_data[1]}.item"
+def _empty_item_file(tmp_path, text_data, trainer):
+    _item(text_data).write_text("", encoding="utf-8")
+    return _run(tmp_path, text_data)
 
 
 def _truncated_checkpoint(tmp_path, text_data, trainer):
@@ -457,21 +468,13 @@ def _history(*items):
 MORE_BAD_INPUTS = {
     # case: (set up the bad input and return the call that must fail, words the one-line message must hold)
     "duplicate .inter header names": (
-        lambda tmp_path, text_data, trainer: _edit_file(_inter(text_data), lambda lines: [
-            lines[0].replace("timestamp:float", "item_id:float"), *lines[1:]]) or _run(tmp_path, text_data),
+        _edited(_inter, lambda lines: [lines[0].replace("timestamp:float", "item_id:float"), *lines[1:]]),
         ["line 1", "names item_id more than once"]),
-    "NaN timestamp": (
-        lambda tmp_path, text_data, trainer: _edit_file(_inter(text_data), _with_time("nan"))
-        or _run(tmp_path, text_data), ["line 5", "'timestamp' is 'nan'", "non-negative"]),
-    "negative timestamp": (
-        lambda tmp_path, text_data, trainer: _edit_file(_inter(text_data), _with_time("-3"))
-        or _run(tmp_path, text_data), ["line 5", "'timestamp' is '-3'", "non-negative"]),
-    "empty .item file": (
-        lambda tmp_path, text_data, trainer: _item(text_data).write_text("") and None or _run(tmp_path, text_data),
-        [".item is empty", "remove the file"]),
+    "NaN timestamp": (_edited(_inter, _with_time("nan")), ["line 5", "'timestamp' is 'nan'", "non-negative"]),
+    "negative timestamp": (_edited(_inter, _with_time("-3")), ["line 5", "'timestamp' is '-3'", "non-negative"]),
+    "empty .item file": (_empty_item_file, [".item is empty", "remove the file"]),
     ".item with another id column name": (
-        lambda tmp_path, text_data, trainer: _edit_file(_item(text_data), lambda lines: [
-            lines[0].replace("item_id:token", "product_id:token"), *lines[1:]]) or _run(tmp_path, text_data),
+        _edited(_item, lambda lines: [lines[0].replace("item_id:token", "product_id:token"), *lines[1:]]),
         [".item, line 1: no 'item_id' column (needed by ITEM_ID_FIELD)"]),
     "truncated --resume file": (_truncated_checkpoint, ["copied-halfway.pth: not a readable checkpoint", "truncated"]),
     "--resume file that is not a checkpoint": (_not_a_checkpoint, ["notes.pth: not a readable checkpoint"]),

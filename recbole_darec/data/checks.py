@@ -35,6 +35,13 @@ def check_positive_settings(config) -> None:
                              f"--{key}=...).")
 
 
+def _refuse_repeated_columns(file: str, header_line: str, names: list[str]) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{file}, line 1: the header {header_line!r} names {', '.join(repeated)} more than once; "
+                         "give every column its own name.")
+
+
 def check_dataset_files(config) -> None:
     """``<data_path>/<dataset>.inter`` must exist."""
     data_path = config["data_path"]
@@ -74,10 +81,7 @@ def check_inter_file(config) -> None:
         header_line = handle.readline().rstrip("\r\n")
         header = [cell.split(":", 1) for cell in header_line.split(separator)]
         names = [cell[0].strip() for cell in header]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"{inter_file}, line 1: the header {header_line!r} names {', '.join(repeated)} more than "
-                             "once; give every column its own name.")
+        _refuse_repeated_columns(inter_file, header_line, names)
         needed = _needed_columns(config)
         for name, setting in needed.items():
             if name not in names:
@@ -135,10 +139,7 @@ def check_item_file(config) -> None:
     if item_id not in names:
         raise ValueError(f"{item_file}, line 1: no '{item_id}' column (needed by ITEM_ID_FIELD) in the header "
                          f"{header_line!r}; name the id column '{item_id}:token' as in the .inter file.")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"{item_file}, line 1: the header {header_line!r} names {', '.join(repeated)} more than "
-                         "once; give every column its own name.")
+    _refuse_repeated_columns(item_file, header_line, names)
     if not has_rows:
         raise ValueError(f"{item_file} has no items (only the header line); add one row per item, or remove the "
                          "file (items then have no text).")
