@@ -90,12 +90,15 @@ def reusable(result_file: Path, same_config: bool, code: str, keep_stale: bool, 
 
 def run_row(model: str, dataset: str, settings: dict, result_file: Path) -> None:
     """Child process: train + evaluate one row, write its metrics, times and peak memory as JSON."""
+    import torch
+
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.quick_start import run_darec
 
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv: the row's settings are all in settings
     result = run_darec(model=model, dataset=dataset, config_dict=settings)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["torch_threads"] = torch.get_num_threads()  # train times are only comparable at the same count
     result_file.write_text(json.dumps(result, default=float, indent=1))
 
 
