@@ -49,7 +49,7 @@ def main() -> None:
     from recbole.utils import init_seed
 
     from recbole_darec.config import Config
-    from recbole_darec.quick_start import load_data
+    from recbole_darec.data import load_data
     from recbole_darec.utils import get_model, get_trainer
 
     config = Config(model=model_name, dataset=args.dataset, config_dict=settings)

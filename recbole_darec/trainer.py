@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 
@@ -11,22 +10,7 @@ import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 
 from recbole_darec.compat import load_trusted_checkpoint
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` so that a crash mid-write never leaves a truncated file under ``path``."""
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(obj, f, pickle_protocol=4)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not become visible before the data is on disk
-        os.replace(tmp_path, path)
-    except BaseException:
-        # A failed save (unpicklable object, full disk, Ctrl-C) leaves neither a partial file nor the temp file.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
+from recbole_darec.files import atomic_torch_save
 
 
 class Trainer(RecBoleTrainer):

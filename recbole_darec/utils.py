@@ -1,11 +1,11 @@
-"""Model and trainer lookup: this plugin first, then RecBole, so every model runs in one harness."""
+"""Model and trainer lookup (this plugin first, then RecBole, so every model runs in one harness), model building."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util  # `import importlib` alone does not guarantee the util submodule is loaded
 
-from recbole.utils import ModelType
+from recbole.utils import ModelType, init_seed
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_darec.compat import undo_recbole_anomaly_detection
@@ -27,6 +27,13 @@ def get_model(model_name: str) -> type:
         # The lookup may have imported recbole.model.sequential_recommender, whose sine.py turns anomaly
         # detection on for the whole process.
         undo_recbole_anomaly_detection()
+
+
+def build_model(config, train_dataset):
+    """The model of ``config``, built on ``train_dataset`` after seeding as every run does (``seed`` +
+    ``local_rank``): a frozen random backbone is not in a checkpoint, so a rebuilt one must have the same weights."""
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    return get_model(config["model"])(config, train_dataset).to(config["device"])
 
 
 def _find_model(model_name: str) -> type:

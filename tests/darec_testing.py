@@ -12,8 +12,8 @@ from conftest import TINY_ITEMS, write_tiny_dataset
 from recbole.utils import init_seed
 
 from recbole_darec.config import Config
-from recbole_darec.quick_start import load_data
-from recbole_darec.utils import get_model, get_trainer
+from recbole_darec.data import load_data
+from recbole_darec.utils import build_model, get_trainer
 
 # A backbone small enough that one epoch on the tiny fixture takes about a second on a slow CPU.
 TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn": 64}
@@ -94,15 +94,13 @@ def build(model: str, dataset: str, settings: dict):
     config = Config(model=model, dataset=dataset, config_dict=settings)
     init_seed(config["seed"], config["reproducibility"])
     _, train_data, valid_data, test_data = load_data(config)
-    init_seed(config["seed"], config["reproducibility"])
-    net = get_model(model)(config, train_data._dataset)
+    net = build_model(config, train_data._dataset)
     return config, net, train_data, valid_data, test_data
 
 
 def new_model(config, train_data):
     """A second model from the same config and seed: same random backbone, same initial trainable weights."""
-    init_seed(config["seed"], config["reproducibility"])
-    return get_model(config["model"])(config, train_data._dataset)
+    return build_model(config, train_data._dataset)
 
 
 def trainer_for(config, model):

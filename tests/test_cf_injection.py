@@ -19,9 +19,10 @@ from recbole.utils import init_seed
 
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.config import Config
+from recbole_darec.data import load_data
 from recbole_darec.model.cf_injection import CF_VECTOR_READERS, CFTrainingView
 from recbole_darec.model.darec import DARec
-from recbole_darec.quick_start import load_data, run_darec
+from recbole_darec.quick_start import run_darec
 
 TINY_LLM = {
     "llm_path": "random:llama",

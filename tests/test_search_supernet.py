@@ -15,9 +15,10 @@ from recbole.utils import init_seed
 
 from recbole_darec import compat, provenance, trainer
 from recbole_darec.config import Config
+from recbole_darec.data import load_data
 from recbole_darec.hyper import hyper_tune
 from recbole_darec.model.adapters import get_architecture
-from recbole_darec.quick_start import load_data, run_darec
+from recbole_darec.quick_start import run_darec
 from recbole_darec.search import (
     Supernet,
     TrialLog,
@@ -233,7 +234,7 @@ def test_search_flag_comes_from_the_command_line(isolated_run, tiny_dataset, fas
     )
     assert config["search"] == "random"
     with pytest.raises(ValueError, match="--search=grid"):
-        search_architecture(config, "grid")
+        search_architecture(config, "grid", None, None)
 
 
 # ---------------------------------------------------------------- run_hyper
