@@ -69,8 +69,8 @@ def main() -> None:
                 with torch.no_grad():
                     seq, seq_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
                     states = model.encode_sequences(seq, seq_len)
-                    users = model.user_proj(model.standardize(states[torch.arange(seq.shape[1]) < seq_len[:, None]]))
-                    items = model.item_vectors(model.item_state_cache, torch.arange(model.n_items))[1:2001]
+                    users = model._user_head(states[torch.arange(seq.shape[1]) < seq_len[:, None]])
+                    items = model.item_vectors(model.item_cache.states, torch.arange(model.n_items))[1:2001]
                 print(f"step {step:4d} {time.perf_counter() - start:6.0f}s losses "
                       + " ".join(f"{float(p):.3f}" for p in parts)
                       + f" | users cos {mean_cosine(users):.3f} norm {users.norm(dim=-1).mean():.1f}"

@@ -30,7 +30,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args: Any) ->
         tmp_path.unlink(missing_ok=True)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through ``atomic_write``."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike, **save_args: Any) -> None:
+    """``torch.save(obj, ..., **save_args)`` through ``atomic_write``.
+
+    torch's default pickle protocol (2) unless ``save_args`` say otherwise: ``torch.load(weights_only=True)``, which
+    reads the caches, rejects protocol 4's framing."""
     with atomic_write(path) as f:
-        torch.save(obj, f, pickle_protocol=4)
+        torch.save(obj, f, **save_args)

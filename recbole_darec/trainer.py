@@ -117,7 +117,7 @@ class Trainer(RecBoleTrainer):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
+        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file, pickle_protocol=4)
         if verbose:
             self.logger.info(f"Saving current: {saved_model_file}")
 
@@ -133,7 +133,7 @@ class Trainer(RecBoleTrainer):
         )
         if hasattr(self.model, "training_state"):  # caches outside the state dict that the next step reads
             state["model_training_state"] = self.model.training_state()
-        atomic_torch_save(state, self.last_checkpoint_file)
+        atomic_torch_save(state, self.last_checkpoint_file, pickle_protocol=4)
 
     def resume_checkpoint(self, resume_file):
         resume_file = str(resume_file)

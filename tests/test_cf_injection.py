@@ -20,7 +20,8 @@ from recbole.utils import init_seed
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
-from recbole_darec.model.cf_injection import CF_VECTOR_READERS, CFTrainingView
+from recbole_darec.data.cf_view import CFTrainingView
+from recbole_darec.model.cf_injection import CF_VECTOR_READERS
 from recbole_darec.model.darec import DARec
 from recbole_darec.quick_start import run_darec
 

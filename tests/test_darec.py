@@ -131,12 +131,12 @@ def test_context_mask_reaches_the_backbone(tmp_path, text_data, llm_path, contex
     packed = pack_sequences(seq, seq_len, model.item_token_ids, model.item_token_len, model.special)
     with torch.no_grad():
         embeds = model._embed(packed.input_ids)
-        base = model._run_llm(embeds, packed.block_ids)
+        base = model(embeds, packed.block_ids)
         last_text = int(packed.boundary_positions[0, 0]) - 1  # last text token of item 1
         changed_embeds = embeds.clone()
         # A random direction: a constant shift (+1 everywhere) is erased by OPT's mean-centring LayerNorms.
         changed_embeds[0, last_text] += torch.randn(embeds.shape[-1], generator=torch.Generator().manual_seed(0))
-        changed = model._run_llm(changed_embeds, packed.block_ids)
+        changed = model(changed_embeds, packed.block_ids)
     moved = (changed - base).abs().amax(-1)[0]
     # Item 1's earlier tokens (positions 1 .. last_text-1) see its last token only under context masking.
     assert (moved[1:last_text] > 1e-4).all() == context_masking, moved
@@ -274,7 +274,7 @@ def test_losses_present_finite_and_hard_negatives_valid(tmp_path, text_data):
         items = set(row[:length])
         for item in items:
             together[item] |= items
-    vectors = torch.nn.functional.normalize(model.item_state_cache.float(), dim=-1)
+    vectors = torch.nn.functional.normalize(model.item_cache.states.float(), dim=-1)
     for item in range(1, model.n_items):
         chosen = set(negatives[item].tolist())
         assert len(chosen) == 4, (item, chosen)  # distinct negatives
@@ -428,7 +428,7 @@ def test_training_item_cache_rolls_over_every_item_in_n_steps(tmp_path, text_dat
         assert sorted(set(flat)) == every_item and len(flat) - len(set(flat)) < len(slices[0])
     model.encode_all_items = original
     fresh = original()  # no optimizer step was taken: the cache holds exactly the current states
-    assert torch.allclose(model.item_state_cache[1:], fresh[1:], atol=1e-5)
+    assert torch.allclose(model.item_cache.states[1:], fresh[1:], atol=1e-5)
 
 
 def test_state_standardisation_is_fixed_by_the_first_full_encoding(tmp_path, text_data):

@@ -209,7 +209,7 @@ def test_bad_adapter_arch(arch, expected):
 
 
 @pytest.mark.parametrize("key, value", [("learning_rate", 0), ("learning_rate", -0.1), ("train_batch_size", 0),
-                                        ("adapter_size", -4)])
+                                        ("adapter_size", -4), ("llm_learning_rate", 0)])
 def test_non_positive_settings(tmp_path, text_data, key, value):
     message = _model_error(tmp_path, text_data, **{key: value})
     assert f"{key}={value}" in message and f"--{key}=" in message

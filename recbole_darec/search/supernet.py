@@ -24,14 +24,15 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import set_color
 
 from recbole_darec.compat import load_trusted_checkpoint
+from recbole_darec.model.adapters import CHOICE_NAMES
 from recbole_darec.provenance import artefact_key
-from recbole_darec.search.bo import METHODS, SearchResult, plot_search, run_search
+from recbole_darec.search.bo import METHODS, SearchResult, run_search
+from recbole_darec.search.plots import plot_search
 from recbole_darec.search.trial_log import TrialLog, arch_to_str, str_to_arch
 from recbole_darec.utils import build_model, get_trainer
 
 logger = logging.getLogger(__name__)
 
-LAYER_CHOICE_NAMES = {"s": "serial", "p": "parallel"}
 # Settings that change what a supernet learns; a reused checkpoint trained with others gets a warning.
 SUPERNET_SETTINGS = (
     "llm_path",
@@ -93,7 +94,7 @@ def search_paths(config: Any, method: str) -> SearchPaths:
 def describe_arch(arch: str | list[int]) -> str:
     """``"sp"`` -> ``"layer 0: serial, layer 1: parallel (sp)"``."""
     arch = arch if isinstance(arch, str) else arch_to_str(arch)
-    layers = ", ".join(f"layer {i}: {LAYER_CHOICE_NAMES[c]}" for i, c in enumerate(arch))
+    layers = ", ".join(f"layer {i}: {CHOICE_NAMES[choice]}" for i, choice in enumerate(str_to_arch(arch)))
     return f"{layers} ({arch})"
 
 
