@@ -13,7 +13,23 @@ from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.files import atomic_torch_save
 
 
-class Trainer(RecBoleTrainer):
+class TrustedCheckpointLoading:
+    """Mixin for RecBole's special trainers (TraditionalTrainer of Pop/ItemKNN, KGTrainer, ...): their
+    ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's ``weights_only`` default, which refuses
+    RecBole's own checkpoints (they pickle the Config)."""
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            checkpoint = load_trusted_checkpoint(checkpoint_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+class Trainer(TrustedCheckpointLoading, RecBoleTrainer):
     """RecBole's Trainer for every model in the harness.
 
     - checkpoints are written atomically (temp file + rename);
@@ -162,32 +178,6 @@ class Trainer(RecBoleTrainer):
             # Keep RecBole's best-model file next to it: the best checkpoint keeps being written on improvement.
             self.saved_model_file = resume_file[: -len("-last.pth")] + ".pth"
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
-
-    @torch.no_grad()
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if load_best_model:
-            checkpoint_file = model_file or self.saved_model_file
-            checkpoint = load_trusted_checkpoint(checkpoint_file, map_location=self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
-            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-
-
-class TrustedCheckpointLoading:
-    """Mixin for RecBole's special trainers (TraditionalTrainer of Pop/ItemKNN, KGTrainer, ...): their
-    ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's ``weights_only`` default, which refuses
-    RecBole's own checkpoints (they pickle the Config)."""
-
-    @torch.no_grad()
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if load_best_model:
-            checkpoint_file = model_file or self.saved_model_file
-            checkpoint = load_trusted_checkpoint(checkpoint_file, map_location=self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -20,20 +20,6 @@ TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
 BACKBONES = ("random:llama", "random:opt")
 
 
-def one_torch_thread():
-    """Generator body of an autouse fixture: run a test on one intra-op thread, then restore.
-
-    The models here are tiny (32 wide): threads buy nothing, and on a small shared machine OpenMP workers
-    spinning against other processes made one 32x8 matmul take 20 ms instead of 20 us (100x slower tests).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def quick_run_settings(tmp_path: Path) -> dict:
     """Run settings shared by every quick test run: one epoch, small batches, quiet, outputs under tmp_path."""
     return {
@@ -119,3 +105,8 @@ def full_sort_batch(loader):
 
 def clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def settings_for(tmp_path: Path, text_data: tuple[str, str], **overrides) -> dict:
+    """``darec_settings`` on the conftest ``text_data`` fixture (data path, dataset name)."""
+    return darec_settings(tmp_path, text_data[0], **overrides)

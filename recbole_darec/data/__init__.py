@@ -1,4 +1,4 @@
-"""Data: the DARec dataset (one sample per user, item text), item-text tokens, Amazon preparation.
+"""Data: the DARec dataset (training windows, item text), item-text tokens, Amazon preparation.
 
 ``load_data``: config -> checked input files -> dataset -> RecBole's train / valid / test loaders."""
 

@@ -166,6 +166,3 @@ def set_architecture(adapters: nn.ModuleList, arch: list[int]) -> None:
             raise ValueError(f"layer has no {name} adapter to switch to")
         router.choice = int(choice)
 
-
-def get_architecture(adapters: nn.ModuleList) -> list[int]:
-    return [layer_adapters.router.choice for layer_adapters in adapters]
