@@ -9,11 +9,10 @@ Flags are RecBole's: --model, --dataset, --config_files="a.yaml b.yaml", and any
 """
 
 import argparse
-import os
 import sys
 
 import recbole_darec  # noqa: F401  (compat first)
-from recbole_darec.quick_start import run_darec, user_error_message
+from recbole_darec.quick_start import run_cli, run_darec
 
 
 def main() -> None:
@@ -45,13 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:
-        message = user_error_message(exc)
-        # Bad settings, files or checkpoints: one line that says what and how to fix it, not a traceback.
-        # RECBOLE_DAREC_TRACEBACK=1 shows the traceback anyway.
-        if message is None or os.environ.get("RECBOLE_DAREC_TRACEBACK"):
-            raise
-        print(message, file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

@@ -49,7 +49,7 @@ def main() -> None:
     from recbole.utils import init_seed
 
     from recbole_darec.config import Config
-    from recbole_darec.quick_start import load_data
+    from recbole_darec.data import load_data
     from recbole_darec.utils import get_model, get_trainer
 
     config = Config(model=model_name, dataset=args.dataset, config_dict=settings)
@@ -69,8 +69,8 @@ def main() -> None:
                 with torch.no_grad():
                     seq, seq_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
                     states = model.encode_sequences(seq, seq_len)
-                    users = model.user_proj(model.standardize(states[torch.arange(seq.shape[1]) < seq_len[:, None]]))
-                    items = model.item_vectors(model.item_state_cache, torch.arange(model.n_items))[1:2001]
+                    users = model._user_head(states[torch.arange(seq.shape[1]) < seq_len[:, None]])
+                    items = model.item_vectors(model.item_cache.states, torch.arange(model.n_items))[1:2001]
                 print(f"step {step:4d} {time.perf_counter() - start:6.0f}s losses "
                       + " ".join(f"{float(p):.3f}" for p in parts)
                       + f" | users cos {mean_cosine(users):.3f} norm {users.norm(dim=-1).mean():.1f}"

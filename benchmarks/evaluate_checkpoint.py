@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config must not read this command line
 
-    from recbole_darec.quick_start import load_data
+    from recbole_darec.data import load_data
 
     saved = Recommender(args.checkpoint)  # the model rebuilt from the checkpoint's config, weights loaded
     config = saved.config

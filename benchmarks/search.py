@@ -46,8 +46,8 @@ def main() -> None:
     from recbole.utils import init_logger, init_seed
 
     from recbole_darec.config import Config
+    from recbole_darec.data import load_data
     from recbole_darec.provenance import artefact_key, git_commit
-    from recbole_darec.quick_start import load_data
     from recbole_darec.search import build_supernet, describe_arch, search_architecture, search_paths
     from recbole_darec.search.supernet import TRIAL_SETTINGS
     from recbole_darec.search.trial_log import TrialLog

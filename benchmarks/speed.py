@@ -13,9 +13,9 @@ import time
 import torch
 
 from recbole_darec.config import Config
+from recbole_darec.data import load_data
 from recbole_darec.model.backbone import load_backbone
 from recbole_darec.model.layout import pack_sequences
-from recbole_darec.quick_start import load_data
 from recbole_darec.utils import get_model
 
 

@@ -55,6 +55,28 @@ def every_setting_name() -> frozenset[str]:
     return frozenset(names)
 
 
+def model_yaml_files(model: str, model_class: type) -> list[Path]:
+    """A model's own yaml layers, low to high precedence: RecBole's ``model/<Model>.yaml``, then those of the RecBole
+    models it is built on (TextSASRec on SASRec), then the plugin's ``model/`` yamls of its plugin base classes
+    (DARecbase.yaml only overrides DARec.yaml's few settings) and of the model itself. Only existing files."""
+    layers = [RECBOLE_PROPERTIES_DIR / "model" / f"{model}.yaml"]
+    layers += [RECBOLE_PROPERTIES_DIR / "model" / f"{cls.__name__}.yaml"
+               for cls in reversed(model_class.__mro__[1:]) if cls.__module__.startswith("recbole.model.")]
+    bases = [cls.__name__ for cls in reversed(model_class.__mro__[1:]) if cls.__module__.startswith("recbole_darec")]
+    layers += [PROPERTIES_DIR / "model" / f"{name}.yaml" for name in (*bases, model)]
+    return [file for file in layers if file.is_file()]
+
+
+def model_yaml_settings(model: str, loader: type = yaml.FullLoader) -> dict:
+    """The settings a model's own yaml layers give it (``model_yaml_files``), for a model built inside another
+    (DARec's CF model) that gets no Config of its own. ``loader``: RecBole's reads 1e-05 as a float."""
+    settings: dict = {}
+    for file in model_yaml_files(model, get_model(model)):
+        with open(file, encoding="utf-8") as f:
+            settings.update(yaml.load(f, Loader=loader) or {})
+    return settings
+
+
 class Config(RecBoleConfig):
     """RecBole's Config, with ``properties/`` of this plugin layered over RecBole's own defaults.
 
@@ -127,14 +149,7 @@ class Config(RecBoleConfig):
             layers.append(PROPERTIES_DIR / "sequential.yaml")
         # RecBole's own model yaml again, above our protocol defaults: a model's fixed choices (FPMC's
         # loss_type: BPR) must not be overwritten by sequential.yaml's loss_type: CE.
-        layers.append(RECBOLE_PROPERTIES_DIR / "model" / f"{model}.yaml")
-        # A plugin model built on a RecBole model (TextSASRec on SASRec) starts from that model's yaml.
-        layers += [RECBOLE_PROPERTIES_DIR / "model" / f"{cls.__name__}.yaml"
-                   for cls in reversed(model_class.__mro__[1:]) if cls.__module__.startswith("recbole.model.")]
-        # A plugin model's base classes' yamls first (DARecbase.yaml only overrides DARec.yaml's few settings).
-        bases = [cls.__name__ for cls in reversed(model_class.__mro__[1:])
-                 if cls.__module__.startswith("recbole_darec")]
-        layers += [PROPERTIES_DIR / "model" / f"{name}.yaml" for name in (*bases, model)]
+        layers += model_yaml_files(model, model_class)
         layers.append(PROPERTIES_DIR / "dataset" / f"{dataset}.yaml")
         for file in layers:
             if file.is_file():

@@ -3,46 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable
 from logging import getLogger
 
-from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_darec.config import Config
-from recbole_darec.data import create_dataset
-from recbole_darec.data.checks import (
-    check_dataset_files,
-    check_inter_file,
-    check_item_file,
-    check_positive_settings,
-    empty_after_filtering_error,
-    warn_short_users,
-)
-from recbole_darec.utils import get_model, get_trainer
-
-
-def load_data(config: Config):
-    """Build the dataset and RecBole's train / valid / test data loaders for ``config``."""
-    if config["dataset"].startswith("amazon-"):
-        from recbole_darec.data.prepare import ensure_dataset
-
-        # RecBole has already joined data_path and the dataset name; the preparer wants the parent folder.
-        data_root = os.path.dirname(os.path.normpath(config["data_path"]))
-        ensure_dataset(config["dataset"], data_root, raw_dir=config["raw_dir"], url_base=config["raw_url_base"])
-    check_dataset_files(config)
-    check_inter_file(config)
-    check_item_file(config)
-    check_positive_settings(config)
-    try:
-        dataset = create_dataset(config)
-    except ValueError as exc:
-        if "feat is empty" in str(exc):  # RecBole's filters removed every interaction
-            raise empty_after_filtering_error(config) from None
-        raise
-    warn_short_users(config, dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    return dataset, train_data, valid_data, test_data
+from recbole_darec.data import load_data
+from recbole_darec.utils import build_model, get_trainer
 
 
 def user_error_message(exc: BaseException) -> str | None:
@@ -55,6 +25,20 @@ def user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and "checkpoint" in str(exc):  # DARec.load_state_dict: settings differ
         return f"error: {exc}"
     return None
+
+
+def run_cli(main: Callable[[], object]) -> int:
+    """Run a script's ``main``; the exit status. An error in the user's input prints its one line (what is wrong and
+    how to fix it) instead of a traceback and gives 2; ``RECBOLE_DAREC_TRACEBACK=1`` shows the traceback anyway."""
+    try:
+        main()
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or os.environ.get("RECBOLE_DAREC_TRACEBACK"):
+            raise
+        print(message, file=sys.stderr)
+        return 2
+    return 0
 
 
 def _plain(result) -> dict:
@@ -113,8 +97,7 @@ def run_darec(
     logger.info(dataset_obj)
     searched = _search_if_asked(config, train_data, valid_data)  # --search=bo|random: sets adapter_arch
 
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model_obj = build_model(config, train_data._dataset)
     logger.info(model_obj)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)

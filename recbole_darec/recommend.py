@@ -18,8 +18,9 @@ from recbole.utils import init_seed
 
 import recbole_darec  # noqa: F401  (compat first: numpy aliases must exist before recbole is imported)
 from recbole_darec.compat import load_trusted_checkpoint
-from recbole_darec.quick_start import load_data
-from recbole_darec.utils import get_model
+from recbole_darec.data import load_data
+from recbole_darec.quick_start import run_cli
+from recbole_darec.utils import build_model
 
 
 class UnknownItemError(ValueError):
@@ -44,10 +45,7 @@ class Recommender:
         self.config = config
         init_seed(config["seed"], config["reproducibility"])
         dataset, train_data, _, _ = load_data(config)
-        # Seeded as run_darec seeds it: a random:* backbone is not in the checkpoint (frozen) and must be rebuilt
-        # with the same weights.
-        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-        self.model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        self.model = build_model(config, train_data._dataset)
         self.model.load_state_dict(state["state_dict"])
         self.model.load_other_parameter(state.get("other_parameter"))
         self.model.eval()
@@ -123,13 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     history = [item.strip() for item in args.history.split(",") if item.strip()]
     # RecBole's Config (inside load_data's helpers) must not read this command line as --key=value settings.
     sys.argv = sys.argv[:1]
-    try:
-        rows = recommend(args.checkpoint, history, topk=args.topk, exclude_history=args.exclude_history)
-    except (UnknownItemError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(rows))
-    return 0
+    return run_cli(lambda: print(format_table(
+        recommend(args.checkpoint, history, topk=args.topk, exclude_history=args.exclude_history))))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 
@@ -11,25 +10,26 @@ import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 
 from recbole_darec.compat import load_trusted_checkpoint
+from recbole_darec.files import atomic_torch_save
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` so that a crash mid-write never leaves a truncated file under ``path``."""
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(obj, f, pickle_protocol=4)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not become visible before the data is on disk
-        os.replace(tmp_path, path)
-    except BaseException:
-        # A failed save (unpicklable object, full disk, Ctrl-C) leaves neither a partial file nor the temp file.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
+class TrustedCheckpointLoading:
+    """Mixin for RecBole's special trainers (TraditionalTrainer of Pop/ItemKNN, KGTrainer, ...): their
+    ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's ``weights_only`` default, which refuses
+    RecBole's own checkpoints (they pickle the Config)."""
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            checkpoint = load_trusted_checkpoint(checkpoint_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
 
-class Trainer(RecBoleTrainer):
+class Trainer(TrustedCheckpointLoading, RecBoleTrainer):
     """RecBole's Trainer for every model in the harness.
 
     - checkpoints are written atomically (temp file + rename);
@@ -133,7 +133,7 @@ class Trainer(RecBoleTrainer):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
+        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file, pickle_protocol=4)
         if verbose:
             self.logger.info(f"Saving current: {saved_model_file}")
 
@@ -149,7 +149,7 @@ class Trainer(RecBoleTrainer):
         )
         if hasattr(self.model, "training_state"):  # caches outside the state dict that the next step reads
             state["model_training_state"] = self.model.training_state()
-        atomic_torch_save(state, self.last_checkpoint_file)
+        atomic_torch_save(state, self.last_checkpoint_file, pickle_protocol=4)
 
     def resume_checkpoint(self, resume_file):
         resume_file = str(resume_file)
@@ -178,32 +178,6 @@ class Trainer(RecBoleTrainer):
             # Keep RecBole's best-model file next to it: the best checkpoint keeps being written on improvement.
             self.saved_model_file = resume_file[: -len("-last.pth")] + ".pth"
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
-
-    @torch.no_grad()
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if load_best_model:
-            checkpoint_file = model_file or self.saved_model_file
-            checkpoint = load_trusted_checkpoint(checkpoint_file, map_location=self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
-            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-
-
-class TrustedCheckpointLoading:
-    """Mixin for RecBole's special trainers (TraditionalTrainer of Pop/ItemKNN, KGTrainer, ...): their
-    ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's ``weights_only`` default, which refuses
-    RecBole's own checkpoints (they pickle the Config)."""
-
-    @torch.no_grad()
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if load_best_model:
-            checkpoint_file = model_file or self.saved_model_file
-            checkpoint = load_trusted_checkpoint(checkpoint_file, map_location=self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

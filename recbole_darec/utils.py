@@ -1,11 +1,14 @@
-"""Model and trainer lookup: this plugin first, then RecBole, so every model runs in one harness."""
+"""Model and trainer lookup (this plugin first, then RecBole, so every model runs in one harness), model building."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util  # `import importlib` alone does not guarantee the util submodule is loaded
+from collections.abc import Iterator
 
-from recbole.utils import ModelType
+import torch
+from recbole.utils import ModelType, init_seed
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_darec.compat import undo_recbole_anomaly_detection
@@ -27,6 +30,13 @@ def get_model(model_name: str) -> type:
         # The lookup may have imported recbole.model.sequential_recommender, whose sine.py turns anomaly
         # detection on for the whole process.
         undo_recbole_anomaly_detection()
+
+
+def build_model(config, train_dataset):
+    """The model of ``config``, built on ``train_dataset`` after seeding as every run does (``seed`` +
+    ``local_rank``): a frozen random backbone is not in a checkpoint, so a rebuilt one must have the same weights."""
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    return get_model(config["model"])(config, train_dataset).to(config["device"])
 
 
 def _find_model(model_name: str) -> type:
@@ -62,3 +72,19 @@ def get_trainer(model_type: ModelType, model_name: str) -> type:
     if recbole_trainer.__name__ == "Trainer":
         return trainer_module.Trainer
     return type(recbole_trainer.__name__, (trainer_module.TrustedCheckpointLoading, recbole_trainer), {})
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block on one torch intra-op thread, then restore the count.
+
+    For tiny tensors (the search's GP: a few hundred points; the tests' 32-wide models) threading costs far more
+    than it saves: on a busy 2-core machine OpenMP workers spinning against other processes made one 32x8 matmul
+    take 20 ms instead of 20 us.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

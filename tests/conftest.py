@@ -110,10 +110,11 @@ def assert_protocol_metrics(result: dict) -> None:
 
 @pytest.fixture
 def one_thread():
-    """Run a test on one torch intra-op thread (see darec_testing.one_torch_thread for why)."""
-    from darec_testing import one_torch_thread
+    """Run a test on one torch intra-op thread (see recbole_darec.utils.one_torch_thread for why)."""
+    from recbole_darec.utils import one_torch_thread
 
-    yield from one_torch_thread()
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

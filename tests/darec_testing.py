@@ -12,26 +12,12 @@ from conftest import TINY_ITEMS, write_tiny_dataset
 from recbole.utils import init_seed
 
 from recbole_darec.config import Config
-from recbole_darec.quick_start import load_data
-from recbole_darec.utils import get_model, get_trainer
+from recbole_darec.data import load_data
+from recbole_darec.utils import build_model, get_trainer
 
 # A backbone small enough that one epoch on the tiny fixture takes about a second on a slow CPU.
 TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn": 64}
 BACKBONES = ("random:llama", "random:opt")
-
-
-def one_torch_thread():
-    """Generator body of an autouse fixture: run a test on one intra-op thread, then restore.
-
-    The models here are tiny (32 wide): threads buy nothing, and on a small shared machine OpenMP workers
-    spinning against other processes made one 32x8 matmul take 20 ms instead of 20 us (100x slower tests).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quick_run_settings(tmp_path: Path) -> dict:
@@ -94,15 +80,13 @@ def build(model: str, dataset: str, settings: dict):
     config = Config(model=model, dataset=dataset, config_dict=settings)
     init_seed(config["seed"], config["reproducibility"])
     _, train_data, valid_data, test_data = load_data(config)
-    init_seed(config["seed"], config["reproducibility"])
-    net = get_model(model)(config, train_data._dataset)
+    net = build_model(config, train_data._dataset)
     return config, net, train_data, valid_data, test_data
 
 
 def new_model(config, train_data):
     """A second model from the same config and seed: same random backbone, same initial trainable weights."""
-    init_seed(config["seed"], config["reproducibility"])
-    return get_model(config["model"])(config, train_data._dataset)
+    return build_model(config, train_data._dataset)
 
 
 def trainer_for(config, model):
@@ -121,3 +105,8 @@ def full_sort_batch(loader):
 
 def clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def settings_for(tmp_path: Path, text_data: tuple[str, str], **overrides) -> dict:
+    """``darec_settings`` on the conftest ``text_data`` fixture (data path, dataset name)."""
+    return darec_settings(tmp_path, text_data[0], **overrides)

@@ -17,7 +17,6 @@ from recbole_darec.model.adapters import (
     BottleneckAdapter,
     LayerRouter,
     SublayerAdapter,
-    get_architecture,
     parse_adapter_arch,
     set_architecture,
 )
@@ -129,7 +128,7 @@ def llm_inputs(model, context_masking: bool = True):
 
 
 def bare_backbone_states(model, llm_path: str, inputs_embeds, block_ids) -> torch.Tensor:
-    """The same weights in a freshly loaded backbone that never had adapter hooks, run as _run_llm runs it."""
+    """The same weights in a freshly loaded backbone that never had adapter hooks, run as DARec.forward runs it."""
     bare = load_backbone(llm_path, None, dict(TINY_LLM)).model
     bare.load_state_dict(model.llm.state_dict())
     mask = attention_mask(block_ids, model.context_masking, inputs_embeds.dtype)
@@ -158,7 +157,7 @@ def test_untrained_darec_equals_bare_backbone(text_dataset, llm_path, adapter_ar
     model, _ = make_model(text_dataset, llm_path, adapter_arch=adapter_arch, supernet=supernet)
     embeds, block_ids = llm_inputs(model)
     with torch.no_grad():
-        with_adapters = model._run_llm(embeds, block_ids)
+        with_adapters = model(embeds, block_ids)
         bare = bare_backbone_states(model, llm_path, embeds, block_ids)
         real = real_positions(block_ids)
         # Zero-initialised `up`: the adapters add exact zeros, so the states are the backbone's own.
@@ -166,7 +165,7 @@ def test_untrained_darec_equals_bare_backbone(text_dataset, llm_path, adapter_ar
 
         # The hooks do run: non-zero adapters change every real state.
         perturb_adapters(model)
-        perturbed = model._run_llm(embeds, block_ids)
+        perturbed = model(embeds, block_ids)
     differs = (perturbed - bare).abs().amax(-1)[real]
     assert (differs > 1e-4).all(), f"{(differs <= 1e-4).sum()} states unchanged by non-zero adapters"
 
@@ -184,9 +183,9 @@ def test_serial_and_parallel_compute_different_functions(text_dataset, llm_path)
     real = real_positions(block_ids)
     with torch.no_grad():
         set_architecture(model.adapters, [SERIAL, SERIAL])
-        serial = model._run_llm(embeds, block_ids)
+        serial = model(embeds, block_ids)
         set_architecture(model.adapters, [PARALLEL, PARALLEL])
-        parallel = model._run_llm(embeds, block_ids)
+        parallel = model(embeds, block_ids)
     assert (serial - parallel).abs().amax(-1)[real].min() > 1e-4
 
 
@@ -219,8 +218,8 @@ def test_set_architecture_switches_branches_in_supernet(text_dataset, llm_path):
             for key in calls:
                 calls[key] = 0
             set_architecture(model.adapters, arch)
-            assert get_architecture(model.adapters) == arch
-            out = model._run_llm(embeds, block_ids)
+            assert [layer.router.choice for layer in model.adapters] == arch
+            out = model(embeds, block_ids)
             # Exactly the chosen branch of each layer ran, once per sublayer (one forward pass).
             for (layer, _, branch), count in calls.items():
                 chosen = (branch == "serial") == (arch[layer] == SERIAL)
@@ -252,8 +251,8 @@ def test_supernet_training_samples_architectures(text_dataset):
     model.train()
     for _ in range(12):  # 4 architectures: 12 draws miss one with probability < 0.1
         model.sample_architecture()
-        seen.add(tuple(get_architecture(model.adapters)))
+        seen.add(tuple(layer.router.choice for layer in model.adapters))
     assert len(seen) >= 3
     # Each training batch draws its own architecture (weight sharing for the architecture search).
     model.calculate_loss(batch)
-    assert tuple(get_architecture(model.adapters)) in {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert tuple(layer.router.choice for layer in model.adapters) in {(0, 0), (0, 1), (1, 0), (1, 1)}

@@ -24,10 +24,10 @@ from recbole.model.sequential_recommender.sasrec import SASRec as RecBoleSASRec
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import FeatureType, ModelType, init_seed
 
-from recbole_darec import compat, trainer
+from recbole_darec import compat, files, trainer
 from recbole_darec.config import Config
-from recbole_darec.data import create_dataset
-from recbole_darec.quick_start import load_data, run_darec
+from recbole_darec.data import create_dataset, load_data
+from recbole_darec.quick_start import run_darec
 from recbole_darec.utils import get_model, get_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,9 +269,9 @@ def test_best_checkpoint_saved_by_fit_is_loaded_by_evaluate(isolated_run, tiny_d
 
 def test_atomic_save_failure_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "model.pth"
-    trainer.atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, str(path))
+    files.atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, str(path))
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        trainer.atomic_torch_save({"epoch": 2, "unpicklable": lambda: None}, str(path))
+        files.atomic_torch_save({"epoch": 2, "unpicklable": lambda: None}, str(path))
     assert os.listdir(tmp_path) == ["model.pth"]  # no partial or temp file left behind
     kept = compat.load_trusted_checkpoint(str(path))
     assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))

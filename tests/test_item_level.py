@@ -8,15 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from darec_testing import BACKBONES, build, darec_settings, one_torch_thread, trainer_for, write_text_dataset
+from darec_testing import BACKBONES, build, darec_settings, trainer_for, write_text_dataset
 
 from recbole_darec.model import darec as darec_module
 from recbole_darec.model.item_states import encode_item_text, pca_whitening
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def item_settings(tmp_path: Path, data_path: str, **overrides) -> dict:

@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -18,12 +19,11 @@ from pathlib import Path
 import pytest
 
 from recbole_darec.data import prepare
+from recbole_darec.data.download import DownloadError, download_file
 from recbole_darec.data.prepare import (
     AMAZON_DATASETS,
     DatasetUnavailableError,
-    DownloadError,
     RawDataError,
-    download_file,
     ensure_dataset,
     prepare_dataset,
 )
@@ -215,20 +215,20 @@ def test_truncated_metadata_gzip_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("failing", [".item", ".inter"])
 def test_partial_output_never_passes_as_prepared(tmp_path, monkeypatch, failing):
     raw = write_raw(tmp_path / "raw")
-    real_replace = prepare.os.replace
+    real_replace = os.replace
 
     def failing_replace(src, dst):
         if str(dst).endswith(failing):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(prepare.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         ensure_dataset(NAME, str(tmp_path / "out"), raw_dir=str(raw))
     out = tmp_path / "out" / NAME
     assert not (out / f"{NAME}.inter").exists()
-    assert not list(out.glob("*.tmp"))
-    monkeypatch.setattr(prepare.os, "replace", real_replace)
+    assert not list(out.glob("*.tmp*"))
+    monkeypatch.setattr(os, "replace", real_replace)
     assert ensure_dataset(NAME, str(tmp_path / "out"), raw_dir=str(raw)) is True
 
 
@@ -280,6 +280,17 @@ def test_cli_prints_statistics_and_fails_cleanly(tmp_path, capsys):
     empty, out = str(tmp_path / "empty"), str(tmp_path / "o2")
     assert prepare.main([NAME, "--raw_dir", empty, "--out_dir", out, "--no_download"]) == 2
     assert META in capsys.readouterr().err
+
+
+def test_cli_run_as_a_module_fails_cleanly(tmp_path):
+    # Run with -m the file is __main__, whose error classes differ from those run_cli knows: still one line, 2.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "recbole_darec.data.prepare", NAME, "--raw_dir", str(tmp_path / "empty"),
+           "--out_dir", str(tmp_path / "out"), "--no_download"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ") and META in proc.stderr
 
 
 # ---------------------------------------------------------------- downloads from a local server

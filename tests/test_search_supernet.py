@@ -15,9 +15,9 @@ from recbole.utils import init_seed
 
 from recbole_darec import compat, provenance, trainer
 from recbole_darec.config import Config
+from recbole_darec.data import load_data
 from recbole_darec.hyper import hyper_tune
-from recbole_darec.model.adapters import get_architecture
-from recbole_darec.quick_start import load_data, run_darec
+from recbole_darec.quick_start import run_darec
 from recbole_darec.search import (
     Supernet,
     TrialLog,
@@ -84,7 +84,7 @@ def test_supernet_samples_an_architecture_per_batch(isolated_run, tiny_dataset, 
         ran.clear()
         with torch.no_grad():
             model.calculate_loss(batch)
-        arch = get_architecture(model.adapters)
+        arch = [layer.router.choice for layer in model.adapters]
         archs.append(arch_to_str(arch))
         # Every forward pass of the batch (sequences and items) ran exactly the sampled adapter of each layer.
         for index in range(N_LAYERS):
@@ -108,7 +108,7 @@ def test_fixed_architecture_is_deterministic_and_refreshes_item_vectors(
 
     first = supernet.score(serial, valid_data)
     assert first == supernet.score(serial, valid_data)
-    assert get_architecture(model.adapters) == serial
+    assert [layer.router.choice for layer in model.adapters] == serial
 
     # After training both adapters are non-zero, so the architecture changes every item vector; the per-evaluation
     # cache must follow the architecture, not survive it.
@@ -233,7 +233,7 @@ def test_search_flag_comes_from_the_command_line(isolated_run, tiny_dataset, fas
     )
     assert config["search"] == "random"
     with pytest.raises(ValueError, match="--search=grid"):
-        search_architecture(config, "grid")
+        search_architecture(config, "grid", None, None)
 
 
 # ---------------------------------------------------------------- run_hyper

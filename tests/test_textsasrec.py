@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from darec_testing import build, darec_settings, one_torch_thread, trainer_for
+from darec_testing import build, darec_settings, trainer_for
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_sasrec_settings(tmp_path: Path, data_path: str, **overrides) -> dict:

@@ -26,9 +26,9 @@ def inter_file_path(config) -> str:
 
 
 def check_positive_settings(config) -> None:
-    """Batch sizes and the learning rate must be positive; torch's own error for a zero batch size names no
-    setting (it is raised while the data loaders are built, before any model could check it)."""
-    for key in ("train_batch_size", "eval_batch_size", "learning_rate"):
+    """Batch sizes, learning rates and DARec's adapter width must be positive; torch's own error for a zero batch
+    size names no setting (it is raised while the data loaders are built, before any model could check it)."""
+    for key in ("train_batch_size", "eval_batch_size", "learning_rate", "llm_learning_rate", "adapter_size"):
         value = config[key]
         if value is not None and value <= 0:
             raise ValueError(f"{key}={value}: must be positive (set it in a config file, properties/, or with "

@@ -1,4 +1,4 @@
-"""DARecDataset: one training sample per user (the whole training sequence) and raw item text."""
+"""Datasets with raw item text: DARecDataset (one training row per user and window) and ItemTextDataset."""
 
 from __future__ import annotations
 
@@ -95,15 +95,7 @@ class DARecDataset(ItemTextDataset):
         Users with fewer than four interactions have no training row (their last two items are valid and test,
         the first is only history) and no pair here.
         """
-        pairs = getattr(self, "_training_pairs", None)
-        if pairs is not None:
-            return pairs
-        # A dataset not made by build() (e.g. a hand-made copy): rebuild from the sequences, which hold at most
-        # MAX_ITEM_LIST_LENGTH + 1 items per user.
-        sequences, lengths = self.training_sequences()
-        valid = torch.arange(sequences.shape[1])[None, :] < lengths[:, None]
-        users = self.inter_feat[self.uid_field][:, None].expand_as(sequences)
-        return users[valid], sequences[valid]
+        return self._training_pairs
 
     def training_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequences (n_rows, L+1), lengths) of this (training) dataset: each row's item list plus its target."""

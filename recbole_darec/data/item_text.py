@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from recbole_darec.files import atomic_torch_save
+
 logger = logging.getLogger(__name__)
 
 # Cells that mean "no value" when a table was exported with pandas or a database: an empty sentence part, not text.
@@ -128,8 +130,5 @@ def cached_item_tokens(
         cached = torch.load(path, weights_only=True)
         return cached["token_ids"], cached["lengths"]
     token_ids, lengths = tokenize_items(sentences, tokenize, item_max_tokens)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    torch.save({"token_ids": token_ids, "lengths": lengths}, tmp_path)
-    os.replace(tmp_path, path)
+    atomic_torch_save({"token_ids": token_ids, "lengths": lengths}, path)
     return token_ids, lengths

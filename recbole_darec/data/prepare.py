@@ -2,7 +2,8 @@
 
 Recipe of UniSRec (Hou et al., KDD 2022): keep interactions whose item has metadata, iterative 5-core on users
 and items, each user's interactions in time order, item text from title, categories and brand. The raw files
-(ratings-only CSV and metadata json.gz per category) are read from ``raw_dir`` or downloaded into it.
+(ratings-only CSV and metadata json.gz per category) are read from ``raw_dir`` or downloaded into it
+(download.py resumes a cut transfer).
 
     python -m recbole_darec.data.prepare amazon-arts [--raw_dir D] [--out_dir D] [--url_base U]
                                                      [--no_download]
@@ -18,11 +19,8 @@ import http.client
 import json
 import logging
 import math
-import os
 import re
 import sys
-import urllib.error
-import urllib.request
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -32,6 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
+
+from recbole_darec.data.download import DownloadError, download_file
+from recbole_darec.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ _RATING_LINE = re.compile(rb'\s*([^\s",]+)\s*,\s*([^\s",]+)\s*,\s*([^\s,]+)\s*,\
 
 class DatasetUnavailableError(RuntimeError):
     """The raw files of a dataset are neither in ``raw_dir`` nor downloadable."""
-
-
-class DownloadError(RuntimeError):
-    """A download did not complete or did not verify; nothing was put in place."""
 
 
 class RawDataError(RuntimeError):
@@ -166,84 +163,7 @@ def item_text(title: str, categories: str, brand: str) -> str:
     return " ".join(f"{part}." for part in (title, categories, brand) if part)
 
 
-# ---------------------------------------------------------------- download
-
-
-def download_file(url: str, dest: str | Path, timeout: float = 60.0, attempts: int = 3) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming a previous partial download.
-
-    The file is moved into place only once its size matches Content-Length and, for ``.gz``, it decompresses
-    completely (CRC included). A transfer cut short keeps the ``.part`` for the next resume; a corrupt gzip
-    is deleted, since resuming it cannot repair it.
-    """
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, attempts + 1):
-        before = part.stat().st_size if part.exists() else 0
-        try:
-            _transfer(url, part, timeout)
-            break
-        except urllib.error.HTTPError:
-            raise
-        except (OSError, http.client.HTTPException) as e:
-            after = part.stat().st_size if part.exists() else 0
-            # Retry only while bytes keep arriving: an unreachable host fails the same way every time.
-            if attempt == attempts or after <= before:
-                raise DownloadError(
-                    f"download of {url} did not complete ({e}); {after:,} bytes are kept in {part} "
-                    "and the next run resumes from there"
-                ) from e
-            logger.warning("download of %s interrupted (%s), resuming at byte %d", url, e, after)
-    if dest.name.endswith(".gz") and not _gzip_ok(part):
-        part.unlink()
-        raise DownloadError(f"{url} is not a valid gzip file (corrupt or truncated); the download is deleted")
-    os.replace(part, dest)
-    return dest
-
-
-def _transfer(url: str, part: Path, timeout: float, resume: bool = True) -> None:
-    offset = part.stat().st_size if resume and part.exists() else 0
-    headers = {"User-Agent": "recbole-darec"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:  # the .part is not a prefix of this file: start over
-            part.unlink()
-            return _transfer(url, part, timeout, resume=False)
-        raise
-    with response:
-        if offset and response.status == 206:
-            match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-            if not match or int(match.group(1)) != offset:
-                part.unlink()
-                return _transfer(url, part, timeout, resume=False)
-            mode = "ab"
-        else:  # a 200 answer to a Range request: the server sends the whole file
-            offset, mode = 0, "wb"
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        with open(part, mode) as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5]
-        ) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise ConnectionError(f"received {size:,} of {total:,} bytes")
-
-
-def _gzip_ok(path: Path) -> bool:
-    try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
-    except (OSError, EOFError, zlib.error):
-        return False
-    return True
+# ---------------------------------------------------------------- raw files
 
 
 def _unavailable_message(name: str, raw_dir: Path, missing: list[Path], url_base: str | None) -> str:
@@ -466,8 +386,8 @@ def prepare_dataset(
     )
     item_lines = (f"{item_names[i]}\t" + "\t".join(v) for i, v in texts.items())
     # The .inter file marks a prepared dataset (ensure_dataset checks it), so it is moved into place last.
-    _write_atomic(item_file, ITEM_HEADER, item_lines)
-    _write_atomic(inter_file, INTER_HEADER, inter_lines)
+    _write_table(item_file, ITEM_HEADER, item_lines)
+    _write_table(inter_file, INTER_HEADER, inter_lines)
 
     n_users = int(np.unique(user[rows]).size)
     stats = PrepareStats(
@@ -500,18 +420,12 @@ def _format_time(t: float) -> str:
     return str(int(t)) if t.is_integer() else repr(t)
 
 
-def _write_atomic(path: Path, header: str, lines: Iterator[str]) -> None:
-    # per-process name: two runs preparing the same dataset (e.g. one per GPU) must not share a temp file
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        # newline="\n": RecBole reads the header with readline()[:-1]; a "\r" would stick to the last field.
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(header + "\n")
-            for line in lines:
-                f.write(line + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_table(path: Path, header: str, lines: Iterator[str]) -> None:
+    # newline="\n": RecBole reads the header with readline()[:-1]; a "\r" would stick to the last field.
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(header + "\n")
+        for line in lines:
+            f.write(line + "\n")
 
 
 def ensure_dataset(
@@ -527,6 +441,9 @@ def ensure_dataset(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here: quick_start imports the data package, which imports this module (lazily, but still a circle).
+    from recbole_darec.quick_start import run_cli
+
     parser = argparse.ArgumentParser(
         prog="python -m recbole_darec.data.prepare",
         description="Prepare an Amazon Review Data (2018) dataset as RecBole atomic files (UniSRec recipe).",
@@ -539,16 +456,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     raw_dir = args.raw_dir or str(Path(args.out_dir) / "raw" / args.name)
-    try:
-        stats = prepare_dataset(
-            args.name, raw_dir, args.out_dir, url_base=args.url_base, download=not args.no_download
-        )
-    except (DatasetUnavailableError, RawDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(stats.table())
-    return 0
+
+    def prepare_and_report() -> None:
+        stats = prepare_dataset(args.name, raw_dir, args.out_dir, url_base=args.url_base,
+                                download=not args.no_download)
+        print(stats.table())
+
+    return run_cli(prepare_and_report)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run with -m, this file is __main__, a second copy of the module, and its errors are not the classes that
+    # run_cli recognises (those of recbole_darec.data.prepare): run the importable module's main.
+    from recbole_darec.data.prepare import main as module_main
+
+    sys.exit(module_main())

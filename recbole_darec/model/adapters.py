@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 SERIAL, PARALLEL = 0, 1
-ARCH_LETTERS = {"s": SERIAL, "p": PARALLEL}
+# The one spelling of a layer's choice, indexed by it: adapter_arch, trial logs and log lines all use these.
+ARCH_LETTERS = "sp"
+CHOICE_NAMES = ("serial", "parallel")
 
 
 def parse_adapter_arch(adapter_arch: str | None, n_layers: int) -> list[int] | None:
@@ -31,7 +33,7 @@ def parse_adapter_arch(adapter_arch: str | None, n_layers: int) -> list[int] | N
             f"adapter_arch='{adapter_arch}': give one letter s (serial) or p (parallel) per decoder layer "
             f"({n_layers} layers here, e.g. {'s' * n_layers}), a single letter for all layers, or ~ to learn a gate."
         )
-    return [ARCH_LETTERS[c] for c in arch]
+    return [ARCH_LETTERS.index(c) for c in arch]
 
 
 class BottleneckAdapter(nn.Module):
@@ -160,9 +162,7 @@ def set_architecture(adapters: nn.ModuleList, arch: list[int]) -> None:
     for layer_adapters, choice in zip(adapters, arch):
         router = layer_adapters.router
         if choice not in router.branches():
-            raise ValueError(f"layer has no {'serial' if choice == SERIAL else 'parallel'} adapter to switch to")
+            name = CHOICE_NAMES[choice] if choice in (SERIAL, PARALLEL) else repr(choice)
+            raise ValueError(f"layer has no {name} adapter to switch to")
         router.choice = int(choice)
 
-
-def get_architecture(adapters: nn.ModuleList) -> list[int]:
-    return [layer_adapters.router.choice for layer_adapters in adapters]

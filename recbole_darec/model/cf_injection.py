@@ -1,7 +1,7 @@
 """Collaborative knowledge injection (design section 4): a RecBole CF model inside DARec.
 
 - ``cf_model: BPR`` (or LightGCN, NeuMF, NGCF) builds that model with RecBole's own class on the training
-  interactions only (``CFTrainingView``): valid and test items never reach it.
+  interactions only (``data/cf_view.py``): valid and test items never reach it.
 - Its user vector, projected to the LLM hidden size, is the ``[CF_USER]`` token's input embedding; item k's vector,
   projected, is added to the input embedding of the ``[ITEM]`` after item k.
 - ``L_cf`` is the CF model's own ``calculate_loss`` on the batch users' training interactions, with the negative
@@ -24,7 +24,8 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_darec.compat import load_trusted_checkpoint
-from recbole_darec.config import PROPERTIES_DIR, RECBOLE_PROPERTIES_DIR
+from recbole_darec.config import model_yaml_settings
+from recbole_darec.data.cf_view import CFTrainingView
 from recbole_darec.utils import get_model
 
 # (cf_model, users (B,) or None, items (N,)) -> (user vectors (B, d) or None, item vectors (N, d))
@@ -69,22 +70,6 @@ CF_VECTOR_READERS: dict[str, VectorReader] = {
 }
 
 
-class CFTrainingView(Dataset):
-    """The CF model's dataset: RecBole's plain ``Dataset`` API over the training (user, item) pairs only.
-
-    DARec's training split has one row per user (a sequence), so ``SequentialDataset.inter_matrix`` and
-    ``inter_feat`` mean something else there. This view keeps the split's field metadata (token maps, so
-    ``num(uid)`` and ``num(iid)`` are unchanged) and replaces the interactions by the exploded training pairs, so
-    ``inter_feat``, ``inter_matrix()`` and ``history_item_matrix()`` describe exactly those pairs.
-    """
-
-    def __init__(self, dataset: Dataset, users: torch.Tensor, items: torch.Tensor):  # noqa: D107
-        # Not Dataset.__init__: that reads the atomic files again. A shallow copy of the built split's attributes
-        # (as Dataset.copy does) with new interactions; RecBole's Dataset methods replace the sequential ones.
-        self.__dict__.update(dataset.__dict__)
-        self.inter_feat = Interaction({dataset.uid_field: users.long(), dataset.iid_field: items.long()})
-
-
 class _CFConfig:
     """DARec's config seen by the CF model: its own hyper-parameters first, DARec's config (fields, device) else."""
 
@@ -96,17 +81,6 @@ class _CFConfig:
 
     def __contains__(self, key: str) -> bool:
         return key in self._own or key in self._base
-
-
-def _model_yaml_defaults(name: str, loader) -> dict:
-    """The CF model's hyper-parameters as a standalone run would get them: RecBole's yaml, then this plugin's."""
-    defaults: dict = {}
-    for folder in (RECBOLE_PROPERTIES_DIR, PROPERTIES_DIR):
-        path = folder / "model" / f"{name}.yaml"
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                defaults.update(yaml.load(f, Loader=loader) or {})
-    return defaults
 
 
 def _projection(in_dim: int, hidden_size: int) -> nn.Sequential:
@@ -134,8 +108,7 @@ class CFInjection(nn.Module):
             self._check_checkpoint_model(checkpoint, checkpoint_path, config["dataset"])
 
         # Hyper-parameters: the model's yaml < the checkpoint's values (so its shapes fit) < cf_config.
-        loader = getattr(config, "yaml_loader", None) or yaml.FullLoader  # RecBole's: reads 1e-05 as a float
-        own = _model_yaml_defaults(self.name, loader)
+        own = model_yaml_settings(self.name, getattr(config, "yaml_loader", None) or yaml.FullLoader)
         if checkpoint is not None and checkpoint.get("config") is not None:
             own.update({key: checkpoint["config"][key] for key in own if key in checkpoint["config"]})
         overrides = config["cf_config"] or {}

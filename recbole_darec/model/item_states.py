@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from recbole_darec.files import atomic_torch_save
 from recbole_darec.model.backbone import Backbone, decoder_layers
 from recbole_darec.model.masks import attention_mask
 
@@ -127,10 +128,7 @@ def cached_item_text_states(
     logger.info(f"Item text states: {len(states)} items through {n_item_layers} layers in "
                 f"{time.perf_counter() - start:.0f} s" + (f", cached in {path}" if path else ""))
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp_path = f"{path}.tmp-{os.getpid()}"  # atomic: a reader never sees half a file
-        torch.save({"states": states, "first": first}, tmp_path)
-        os.replace(tmp_path, path)
+        atomic_torch_save({"states": states, "first": first}, path)
     return states, first
 
 

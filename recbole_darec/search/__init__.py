@@ -2,7 +2,7 @@
 
 `run_search` drives a search against any objective callable on 0/1 layer vectors; trials go to a resumable
 JSON-lines `TrialLog`. `search_architecture` runs it on DARec: a weight-sharing supernet (`Supernet`) scores each
-candidate by one validation pass (supernet.py).
+candidate by one validation pass (supernet.py); `plot_search` draws the trials (plots.py).
 """
 
 from recbole_darec.search.bo import (
@@ -13,11 +13,11 @@ from recbole_darec.search.bo import (
     make_acqf,
     optimize_acqf_exhaustive,
     optimize_acqf_probabilistic_reparam,
-    plot_search,
     propose_bo,
     run_search,
     trial_seed,
 )
+from recbole_darec.search.plots import plot_search
 from recbole_darec.search.supernet import (
     SearchPaths,
     Supernet,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recbole_darec.search.trial_log import Trial, TrialLog, arch_to_str, str_to_arch
+from recbole_darec.utils import one_torch_thread
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +53,7 @@ def all_binary(dim: int, dtype: torch.dtype = torch.double) -> Tensor:
     return ((codes >> torch.arange(dim)) & 1).to(dtype)
 
 
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    # The GP has at most a few hundred points; for such tiny tensors intra-op threading costs far more than it
-    # saves (10-100x slower on a busy 2-core machine), so GP work runs on one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@_single_threaded()
+@one_torch_thread()
 def fit_gp(train_X: Tensor, train_Y: Tensor) -> SingleTaskGP:
     """Fit a GP on binary architecture vectors (inputs already in the unit cube, so no input transform)."""
     model = SingleTaskGP(train_X.double(), train_Y.double(), outcome_transform=Standardize(m=1))
@@ -92,7 +80,7 @@ def _eval_acqf(acqf: AcquisitionFunction, Z: Tensor, batch_size: int) -> Tensor:
     return torch.cat([acqf(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
 
 
-@_single_threaded()
+@one_torch_thread()
 def optimize_acqf_probabilistic_reparam(
     acqf: AcquisitionFunction,
     dim: int,
@@ -181,7 +169,7 @@ def optimize_acqf_probabilistic_reparam(
     return z, torch.tensor(cache[best_key], dtype=torch.double)
 
 
-@_single_threaded()
+@one_torch_thread()
 def optimize_acqf_exhaustive(
     acqf: AcquisitionFunction, dim: int, exclude: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -227,7 +215,7 @@ def propose_bo(
     Y = torch.tensor([[t.value] for t in finite], dtype=torch.double)
     exclude = torch.tensor([str_to_arch(t.arch) for t in trials], dtype=torch.double)
     # GP fitting and baseline pruning draw from the global RNG; pin it without disturbing the caller's.
-    with torch.random.fork_rng(), _single_threaded():
+    with torch.random.fork_rng(), one_torch_thread():
         torch.manual_seed(seed)
         acqf = make_acqf(fit_gp(X, Y), X, mc_samples=mc_samples, seed=seed)
         if acq_optimizer == "reparam":
@@ -354,35 +342,3 @@ def run_search(
         return SearchResult(best_arch="", best_value=math.nan, trials=trials)
     return SearchResult(best_arch=best.arch, best_value=best.value, trials=trials)
 
-
-def plot_search(histories: dict[str, Sequence[Trial]], path: str | Path, title: str | None = None) -> Path:
-    """Write a PNG: the metric of every trial (dots) and the best so far (line), one colour per history."""
-    # The OO API with an explicit Agg canvas works headless and leaves pyplot's global backend alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, (name, trials) in enumerate(histories.items()):
-        color = f"C{i}"
-        x = [t.index + 1 for t in trials]
-        y = [t.value for t in trials]
-        best_so_far = np.fmax.accumulate(np.asarray(y, dtype=float)) if y else []
-        ax.plot(x, y, "o", color=color, alpha=0.45, markersize=4)
-        label = f"{name} (best {np.nanmax(best_so_far):.4g})" if y else name
-        ax.step(x, best_so_far, where="post", color=color, label=label)
-        first_bo = next((t.index + 1 for t in trials if t.method == "bo"), None)
-        if first_bo is not None:
-            ax.axvline(first_bo - 0.5, color=color, linestyle=":", linewidth=1)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation metric")
-    ax.set_title(title or "architecture search: metric per trial (dots) and best so far (line)")
-    ax.legend(loc="lower right")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path

@@ -21,17 +21,18 @@ from typing import Any
 
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
-from recbole.utils import init_seed, set_color
+from recbole.utils import set_color
 
 from recbole_darec.compat import load_trusted_checkpoint
+from recbole_darec.model.adapters import CHOICE_NAMES
 from recbole_darec.provenance import artefact_key
-from recbole_darec.search.bo import METHODS, SearchResult, plot_search, run_search
+from recbole_darec.search.bo import METHODS, SearchResult, run_search
+from recbole_darec.search.plots import plot_search
 from recbole_darec.search.trial_log import TrialLog, arch_to_str, str_to_arch
-from recbole_darec.utils import get_model, get_trainer
+from recbole_darec.utils import build_model, get_trainer
 
 logger = logging.getLogger(__name__)
 
-LAYER_CHOICE_NAMES = {"s": "serial", "p": "parallel"}
 # Settings that change what a supernet learns; a reused checkpoint trained with others gets a warning.
 SUPERNET_SETTINGS = (
     "llm_path",
@@ -93,7 +94,7 @@ def search_paths(config: Any, method: str) -> SearchPaths:
 def describe_arch(arch: str | list[int]) -> str:
     """``"sp"`` -> ``"layer 0: serial, layer 1: parallel (sp)"``."""
     arch = arch if isinstance(arch, str) else arch_to_str(arch)
-    layers = ", ".join(f"layer {i}: {LAYER_CHOICE_NAMES[c]}" for i, c in enumerate(arch))
+    layers = ", ".join(f"layer {i}: {CHOICE_NAMES[choice]}" for i, choice in enumerate(str_to_arch(arch)))
     return f"{layers} ({arch})"
 
 
@@ -106,8 +107,7 @@ class Supernet:
         self.train_data = train_data
         self.checkpoint = Path(checkpoint)
         self.epochs = int(config["epochs"])
-        init_seed(config["seed"], config["reproducibility"])
-        self.model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        self.model = build_model(config, train_data._dataset)
         if not hasattr(self.model, "set_adapter_arch") or not len(getattr(self.model, "adapters", ())):
             raise ValueError(
                 f"--search needs a model with per-layer bottleneck adapters (DARec, adapter_type: bottleneck); "
@@ -205,22 +205,17 @@ def build_supernet(config: Any, train_data: Any, checkpoint: str | os.PathLike[s
 
 
 def search_architecture(
-    config: Any, method: str | None = None, train_data: Any = None, valid_data: Any = None,
-    supernet: Supernet | None = None,
+    config: Any, method: str | None, train_data: Any, valid_data: Any, supernet: Supernet | None = None,
 ) -> tuple[str, SearchResult]:
     """Search the per-layer serial/parallel choice of DARec's adapters; returns (best arch string, result).
 
-    ``method``: ``bo`` or ``random`` (default: ``config['search']``). Without data loaders they are built from
-    ``config``. Trials go to ``<checkpoint_dir>/<model>-<dataset>-search-<method>.jsonl``; an existing log is
-    continued, not restarted. ``supernet``: one already built for this config (default: built here).
+    ``method``: ``bo`` or ``random`` (default: ``config['search']``). Trials go to
+    ``<checkpoint_dir>/<model>-<dataset>-search-<method>.jsonl``; an existing log is continued, not restarted.
+    ``supernet``: one already built for this config (default: built here).
     """
     method = str(method or config["search"]).lower()
     if method not in METHODS:
         raise ValueError(f"--search={method}: expected one of {', '.join(METHODS)}")
-    if train_data is None or valid_data is None:
-        from recbole_darec.quick_start import load_data  # here: quick_start imports this module
-
-        _, train_data, valid_data, _ = load_data(config)
     paths = search_paths(config, method)
     paths.trial_log.parent.mkdir(parents=True, exist_ok=True)
     if supernet is None:  # callers running several searches pass one, so the backbone is loaded once

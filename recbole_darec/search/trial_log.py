@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from recbole_darec.model.adapters import ARCH_LETTERS
 
-# Layer choice letters, indexed by their binary encoding.
-CHOICES = "sp"
+logger = logging.getLogger(__name__)
 
 
 def arch_to_str(arch: Iterable[int | float | bool]) -> str:
@@ -27,18 +26,18 @@ def arch_to_str(arch: Iterable[int | float | bool]) -> str:
         # Accept float tensors' entries (0.0 / 1.0) but refuse anything that is not exactly binary.
         if bit not in (0, 1):
             raise ValueError(f"architecture entry {i} is {bit!r}; expected 0 (serial) or 1 (parallel)")
-        out.append(CHOICES[int(bit)])
+        out.append(ARCH_LETTERS[int(bit)])
     return "".join(out)
 
 
 def str_to_arch(arch: str) -> list[int]:
     """Decode an architecture string such as 'spps' into [0, 1, 1, 0]."""
-    bad = sorted({c for c in arch if c not in CHOICES})
+    bad = sorted({c for c in arch if c not in ARCH_LETTERS})
     if bad:
         raise ValueError(
             f"invalid architecture string {arch!r}: letters {bad} are not 's' (serial) or 'p' (parallel)"
         )
-    return [CHOICES.index(c) for c in arch]
+    return [ARCH_LETTERS.index(c) for c in arch]
 
 
 @dataclass
@@ -73,9 +72,6 @@ class TrialLog:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-
-    def exists(self) -> bool:
-        return self.path.exists()
 
     def read(self) -> list[Trial]:
         """All well-formed trials in file order; a missing file is an empty log.

@@ -1,0 +1,120 @@
+"""DARec's losses: every term present and finite, the loss weights switch terms off, hard negatives mined by hand,
+the fresh-item cap of the token-level L_next.
+
+Every model here is a tiny random backbone (darec_testing.TINY_LLM): the tests check behaviour, not quality.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import scipy.sparse as sp
+import torch
+from darec_testing import (
+    build,
+    first_batch,
+    settings_for,
+)
+
+from recbole_darec.model.losses import cooccurrence_matrix, mine_hard_negatives
+
+# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
+# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
+
+
+# --------------------------------------------------------------------------- losses and hard negatives
+
+
+def test_losses_present_finite_and_hard_negatives_valid(tmp_path, text_data):
+    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(
+        tmp_path, text_data, lambda_align=0.1, lambda_hard=0.1, hard_negatives=4))
+    model.train()
+    losses = model.calculate_loss(first_batch(train_data))
+    # L_next, lambda_align * L_align, lambda_hard * L_hard.
+    assert len(losses) == 3
+    assert all(loss.ndim == 0 and torch.isfinite(loss) and loss > 0 for loss in losses), losses
+
+    negatives = model.hard_negatives
+    assert bool(model.hard_negatives_ready) and negatives.shape == (model.n_items, 4)
+    sequences, lengths = train_data._dataset.training_sequences()
+    together = defaultdict(set)
+    for row, length in zip(sequences.tolist(), lengths.tolist()):
+        items = set(row[:length])
+        for item in items:
+            together[item] |= items
+    vectors = torch.nn.functional.normalize(model.item_cache.states.float(), dim=-1)
+    for item in range(1, model.n_items):
+        chosen = set(negatives[item].tolist())
+        assert len(chosen) == 4, (item, chosen)  # distinct negatives
+        assert item not in chosen and 0 not in chosen, (item, chosen)
+        assert not chosen & together[item], (item, chosen & together[item])
+        # ... and they are the nearest eligible items by text vector.
+        eligible = [j for j in range(1, model.n_items) if j != item and j not in together[item]]
+        sims = vectors[eligible] @ vectors[item]
+        fourth_best = sims.topk(4).values[-1]
+        chosen_sims = vectors[list(chosen)] @ vectors[item]
+        assert (chosen_sims >= fourth_best - 1e-6).all(), item
+
+
+def test_loss_weights_switch_terms_off(tmp_path, text_data):
+    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(
+        tmp_path, text_data, lambda_align=0.0, lambda_hard=0.0))
+    model.train()
+    assert len(model.calculate_loss(first_batch(train_data))) == 1
+    assert not bool(model.hard_negatives_ready)  # no mining when L_hard is off
+
+
+def test_mine_hard_negatives_by_hand():
+    # 5 items (0 = padding) on a line; 1 and 2 co-occur. Item 1's nearest are 2 (co-occurs), 3, then 4.
+    vectors = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.05], [1.0, 0.1], [1.0, 0.3]])
+    sequences = torch.tensor([[1, 2], [3, 0], [4, 0]])
+    cooc = cooccurrence_matrix(sequences, torch.tensor([2, 1, 1]), 5)
+    negatives = mine_hard_negatives(vectors, cooc, 2)
+    assert negatives[1].tolist() == [3, 4]
+    assert negatives[3].tolist() == [2, 1]
+    with pytest.raises(ValueError, match="hard_negatives"):
+        mine_hard_negatives(vectors, cooc, 4)
+
+
+def test_mine_hard_negatives_when_an_item_cooccurs_with_almost_all():
+    # Item 1 co-occurs with every item but 5: fewer eligible items than negatives asked for. The fill-up
+    # must never be the item itself or padding (it may fall back to co-occurring items, nearest first).
+    vectors = torch.nn.functional.normalize(torch.randn(7, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    sequences = torch.tensor([[1, 2, 3, 4, 6]])
+    cooc = cooccurrence_matrix(sequences, torch.tensor([5]), 7)
+    negatives = mine_hard_negatives(vectors, cooc, 3)
+    for item in range(1, 7):
+        chosen = negatives[item].tolist()
+        assert item not in chosen and 0 not in chosen, (item, chosen)
+        assert len(set(chosen)) == 3, (item, chosen)
+    assert negatives[1, 0] == 5  # the one eligible item comes first
+    cooc_dense = cooc.toarray()
+    assert sp.issparse(cooc) and cooc_dense[1, 6] > 0 and cooc_dense[1, 5] == 0
+
+
+# ------------------------------------------------------------------------- fresh items per step
+
+
+def test_fresh_items_per_step_caps_the_items_encoded_with_gradient(tmp_path, text_data):
+    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data,
+                                                                          fresh_items_per_step=3))
+    fresh_calls = []
+    original = model.encode_items
+
+    def record(items):
+        if torch.is_grad_enabled():  # the cache refresh encodes under no_grad
+            fresh_calls.append(items.tolist())
+        return original(items)
+
+    model.encode_items = record
+    model.train()
+    batch = first_batch(train_data)
+    losses = model.calculate_loss(batch)
+    sum(losses).backward()
+    assert len(fresh_calls) == 1 and len(fresh_calls[0]) == 3 and len(set(fresh_calls[0])) == 3
+    targets = set(batch[model.ITEM_SEQ][batch[model.ITEM_SEQ] > 0].tolist())
+    assert set(fresh_calls[0]) <= targets | set(batch[model.POS_ITEM_ID].tolist())
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
