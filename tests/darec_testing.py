@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY_ITEMS, write_tiny_dataset
 from recbole.utils import init_seed
@@ -14,6 +15,11 @@ from recbole.utils import init_seed
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.utils import build_model, get_trainer
+
+# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every DARec test
+# module runs its tests in their tmp_path with a clean command line (conftest's isolated_run), on one torch thread
+# (`pytestmark = DAREC_TEST_FIXTURES`).
+DAREC_TEST_FIXTURES = pytest.mark.usefixtures("one_thread", "isolated_run")
 
 # A backbone small enough that one epoch on the tiny fixture takes about a second on a slow CPU.
 TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn": 64}

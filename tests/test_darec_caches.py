@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from conftest import TINY_USERS
-from darec_testing import (
-    build,
-    first_batch,
-    settings_for,
-    trainer_for,
-)
+from darec_testing import DAREC_TEST_FIXTURES, build, first_batch, settings_for, trainer_for
 
 from recbole_darec.model.adapters import PARALLEL, SERIAL
 
-# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
-# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
-pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
+pytestmark = DAREC_TEST_FIXTURES
 
 
 # ------------------------------------------------------------------------- items encoded once per eval

@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 from darec_testing import (
+    DAREC_TEST_FIXTURES,
     build,
     clone_state,
     first_batch,
@@ -23,9 +24,7 @@ from darec_testing import (
 TRAINABLE_PREFIXES = ("adapters.", "special_embeddings.", "user_proj.", "item_proj.", "item_id_embedding.",
                       "cf_injection.")
 
-# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
-# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
-pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
+pytestmark = DAREC_TEST_FIXTURES
 
 
 # ---------------------------------------------------- gradients, frozen backbone, checkpoint round trip

@@ -11,17 +11,11 @@ from collections import defaultdict
 import pytest
 import scipy.sparse as sp
 import torch
-from darec_testing import (
-    build,
-    first_batch,
-    settings_for,
-)
+from darec_testing import DAREC_TEST_FIXTURES, build, first_batch, settings_for
 
 from recbole_darec.model.losses import cooccurrence_matrix, mine_hard_negatives
 
-# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
-# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
-pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
+pytestmark = DAREC_TEST_FIXTURES
 
 
 # --------------------------------------------------------------------------- losses and hard negatives

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from darec_testing import (
-    BACKBONES,
-    TINY_LLM,
-    build,
-    settings_for,
-)
+from darec_testing import BACKBONES, DAREC_TEST_FIXTURES, TINY_LLM, build, settings_for
 
 from recbole_darec.model.layout import pack_sequences
 
 # Leakage must hold with CF injection on too (its vectors sit at [CF_USER] and at every item's [ITEM]).
 CF_MODELS = [None, "BPR"]
 
-# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
-# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
-pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
+pytestmark = DAREC_TEST_FIXTURES
 
 
 # ----------------------------------------------------------------------------------- no future leakage

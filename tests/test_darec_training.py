@@ -16,6 +16,7 @@ import torch
 from conftest import TINY_USERS, assert_protocol_metrics
 from darec_testing import (
     BACKBONES,
+    DAREC_TEST_FIXTURES,
     build,
     darec_settings,
     settings_for,
@@ -26,9 +27,7 @@ from darec_testing import (
 
 from recbole_darec.quick_start import run_darec
 
-# RecBole's Trainer writes ./log_tensorboard and its Config reads sys.argv (pytest's own flags): every test runs
-# in its tmp_path with a clean command line (conftest's isolated_run), on one torch thread.
-pytestmark = pytest.mark.usefixtures("one_thread", "isolated_run")
+pytestmark = DAREC_TEST_FIXTURES
 
 
 # --------------------------------------------------------------------------- one epoch, both families
