@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args: Any) -> Iterator[IO]:
@@ -33,7 +35,5 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, **save_args: Any) -> No
 
     torch's default pickle protocol (2) unless ``save_args`` say otherwise: ``torch.load(weights_only=True)``, which
     reads the caches, rejects protocol 4's framing."""
-    import torch  # here: the dataset preparer writes files too, and needs no torch
-
     with atomic_write(path) as f:
         torch.save(obj, f, **save_args)

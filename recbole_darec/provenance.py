@@ -22,14 +22,21 @@ PLUGIN_MODEL_PARTS = ("model", "search")
 
 
 def code_version(plugin_models: bool = True) -> str:
-    """12 hex digits over the package's .py and .yaml files (``plugin_models=False``: without model/ and search/)."""
+    """12 hex digits over the package's .py and .yaml files.
+
+    ``plugin_models=False`` (a RecBole model's row): without model/, search/ and the plugin models' own yaml."""
     from recbole_darec.config import PROPERTIES_DIR
 
     files = [p for p in PACKAGE_DIR.rglob("*.py") if "__pycache__" not in p.parts]
+    yaml_files = list(PROPERTIES_DIR.rglob("*.yaml"))
     if not plugin_models:
         files = [p for p in files if p.relative_to(PACKAGE_DIR).parts[0] not in PLUGIN_MODEL_PARTS]
+        # properties/model/DARec.yaml and the like: read only when that plugin model is built.
+        plugin_names = {p.stem for p in (PACKAGE_DIR / "model").glob("*.py")}
+        yaml_files = [p for p in yaml_files
+                      if not (p.parent.name == "model" and p.stem.lower() in plugin_names)]
     digest = hashlib.sha256()
-    for root, paths in ((PACKAGE_DIR, files), (PROPERTIES_DIR, PROPERTIES_DIR.rglob("*.yaml"))):
+    for root, paths in ((PACKAGE_DIR, files), (PROPERTIES_DIR, yaml_files)):
         for path in sorted(paths):
             digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]

@@ -14,9 +14,9 @@ from recbole_darec.files import atomic_torch_save
 
 
 class TrustedCheckpointLoading:
-    """Mixin for RecBole's special trainers (TraditionalTrainer of Pop/ItemKNN, KGTrainer, ...): their
-    ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's ``weights_only`` default, which refuses
-    RecBole's own checkpoints (they pickle the Config)."""
+    """Mixin for every trainer the plugin runs (its ``Trainer`` and RecBole's special ones: TraditionalTrainer of
+    Pop/ItemKNN, KGTrainer, ...): RecBole's ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's
+    ``weights_only`` default, which refuses RecBole's own checkpoints (they pickle the Config)."""
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):

@@ -441,7 +441,8 @@ def ensure_dataset(
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here: quick_start imports the data package, which imports this module (lazily, but still a circle).
+    # Imported here, not at the top: the CLI layer (quick_start) sits above the data package, which must not
+    # depend on it to be imported.
     from recbole_darec.quick_start import run_cli
 
     parser = argparse.ArgumentParser(
