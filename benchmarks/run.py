@@ -270,12 +270,18 @@ def main() -> None:
     speed_text = ""
     if speed:
         speed_text += ("\nSpeed (one training batch; ratio = DARec step / plain backbone forward+backward on the same "
-                       "tokens)\n\n")
+                       "tokens; medians of 20 interleaved steps, quartiles in brackets)\n\n")
         speed_text += "| model | batch users | batch tokens | DARec step s | plain step s | ratio | item refresh s | " \
                       "tokens/epoch all-position | tokens/epoch per-prefix | eval ms/user |\n" + "|---" * 10 + "|\n"
+
+        def spread(s: dict, key: str) -> str:
+            low, high = s[f"{key}_iqr"]
+            return f"{s[key]:.3f} [{low:.3f}-{high:.3f}]"
+
         for variant, s in speed.items():
-            speed_text += (f"| {variant} | {s['batch_users']} | {s['batch_tokens']} | {s['darec_step_s']:.2f} | "
-                           f"{s['plain_step_s']:.2f} | {s['step_ratio']:.2f} | {s['item_cache_refresh_s']:.1f} | "
+            speed_text += (f"| {variant} | {s['batch_users']} | {s['batch_tokens']} | {spread(s, 'darec_step_s')} | "
+                           f"{spread(s, 'plain_step_s')} | {spread(s, 'step_ratio')} | "
+                           f"{s['item_cache_refresh_s']:.1f} | "
                            f"{s['tokens_per_epoch_all_position']:,} | {s['tokens_per_epoch_per_prefix']:,} | "
                            f"{s['eval_ms_per_user']:.2f} |\n")
     if args.speed_only:

@@ -1,13 +1,15 @@
 """Speed figures of DARec, measured on real batches of a dataset.
 
 - step ratio: one DARec training step (all losses, forward + backward) over a plain forward + backward of the same
-  backbone (no adapters, causal mask) on the same packed tokens;
+  backbone (no adapters, causal mask) on the same packed tokens (item-level mode: its top layers over the batch's
+  item states); the median of 20 steps of each, run in turns, with the quartiles;
 - LLM tokens per epoch: all-position training (one sample per user) vs. RecBole's per-prefix augmentation;
 - evaluation time per user (item vectors built once per evaluation, timed separately).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -15,6 +17,7 @@ import torch
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.item_states import drop_lower_layers
 from recbole_darec.model.layout import pack_sequences
 from recbole_darec.utils import get_model
 
@@ -25,6 +28,31 @@ def _timed(fn, repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(darec_step, plain_step, steps: int) -> dict:
+    """Median and quartiles of ``steps`` DARec and plain steps run in turns (DARec, plain, DARec, ...), and of
+    their pairwise ratios: a slow spell of the machine hits both sides of a pair, so the ratio stays comparable."""
+    darec_step(), plain_step()  # warm-up
+    darec, plain = [], []
+    for _ in range(steps):
+        darec.append(_seconds(darec_step))
+        plain.append(_seconds(plain_step))
+    ratios = [d / p for d, p in zip(darec, plain)]
+
+    def quartiles(values: list[float]) -> tuple[float, float, float]:
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return q1, median, q3
+
+    (d1, dm, d3), (p1, pm, p3), (r1, rm, r3) = quartiles(darec), quartiles(plain), quartiles(ratios)
+    return {"steps": steps, "darec_step_s": dm, "darec_step_s_iqr": [d1, d3], "plain_step_s": pm,
+            "plain_step_s_iqr": [p1, p3], "step_ratio": rm, "step_ratio_iqr": [r1, r3]}
 
 
 def tokens_per_epoch(sequences: torch.Tensor, lengths: torch.Tensor, item_token_len: torch.Tensor) -> tuple[int, int]:
@@ -39,7 +67,7 @@ def tokens_per_epoch(sequences: torch.Tensor, lengths: torch.Tensor, item_token_
     return all_position, per_prefix
 
 
-def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3) -> dict:
+def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, steps: int = 20) -> dict:
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
     _, train_data, valid_data, _ = load_data(config)
     model = get_model(model_name)(config, train_data._dataset).to(config["device"])
@@ -50,23 +78,30 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3) 
         model.zero_grad(set_to_none=True)  # a step includes its slice of the rolling item-cache refresh
         sum(model.calculate_loss(batch)).backward()
 
-    darec_seconds = _timed(darec_step, repeats)
-    refresh_seconds = _timed(model.encode_all_items, 1)
-
     plain = load_backbone(config["llm_path"], config["llm_layers"], config["llm_random_config"]).model
     plain.to(config["device"])
     item_seq, item_len, target = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
     full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
     full_seq[torch.arange(len(item_len)), item_len] = target
-    packed = pack_sequences(full_seq, item_len + 1, model.item_token_ids, model.item_token_len, model.special)
-    embeds = model._embed(packed.input_ids).detach()
-    padding_mask = (packed.block_ids >= 0).long()
+    if model.history_input == "items":
+        # The same work without DARec: the top layers over the batch's item states, one vector per item.
+        drop_lower_layers(plain, model.n_item_layers)
+        full_seq = full_seq[:, : int(item_len.max()) + 1]
+        first = model.first_token_state.expand(len(item_len), 1, -1)
+        embeds = torch.cat([first, model.item_text_states[full_seq]], dim=1).detach()
+        padding_mask = torch.cat([torch.ones_like(item_len[:, None]), (full_seq > 0).long()], dim=1)
+    else:
+        packed = pack_sequences(full_seq, item_len + 1, model.item_token_ids, model.item_token_len, model.special)
+        embeds = model._embed(packed.input_ids).detach()
+        padding_mask = (packed.block_ids >= 0).long()
 
     def plain_step():
         inputs = embeds.clone().requires_grad_(True)  # backward through every layer, as DARec's adapters need
         plain(inputs_embeds=inputs, attention_mask=padding_mask, use_cache=False).last_hidden_state.sum().backward()
 
-    plain_seconds = _timed(plain_step, repeats)
+    timing = interleaved(darec_step, plain_step, steps)
+    # Token level: a full refresh of the training item cache; item level keeps no such cache.
+    refresh_seconds = _timed(model.encode_all_items, 1) if model.history_input == "tokens" else 0.0
 
     sequences, lengths = train_data._dataset.training_sequences()
     all_position, per_prefix = tokens_per_epoch(sequences, lengths, model.item_token_len.cpu())
@@ -82,11 +117,10 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3) 
         item_seconds = _timed(encode_every_item, 1)
         user_seconds = _timed(lambda: model.full_sort_predict(eval_batch), repeats) / len(eval_batch)
     return {
+        "history_input": model.history_input,
         "batch_users": len(item_len),
-        "batch_tokens": int((packed.block_ids >= 0).sum()),
-        "darec_step_s": darec_seconds,
-        "plain_step_s": plain_seconds,
-        "step_ratio": darec_seconds / plain_seconds,
+        "batch_tokens": int(padding_mask.sum()),
+        **timing,
         "item_cache_refresh_s": refresh_seconds,
         "tokens_per_epoch_all_position": all_position,
         "tokens_per_epoch_per_prefix": per_prefix,

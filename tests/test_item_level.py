@@ -94,11 +94,13 @@ def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text
         assert abs(float(loss) - float(loss_with_shift(shift))) > 1e-3
 
 
-def test_learns_a_planted_next_item_pattern(tmp_path, text_data):
+@pytest.mark.parametrize("llm_bf16", [False, True], ids=["fp32", "bf16"])
+def test_learns_a_planted_next_item_pattern(tmp_path, text_data, llm_bf16):
     """Users walk forward through the catalogue (item i is followed by i+1): a few seconds of training must rank
-    the next item far above chance (NDCG@10 of a random ranking of 60 items is about 0.07)."""
+    the next item far above chance (NDCG@10 of a random ranking of 60 items is about 0.07), in bf16 autocast too."""
     config, model, train_data, valid_data, test_data = build("DARec", text_data[1], item_settings(
-        tmp_path, text_data[0], epochs=15, learning_rate=0.005, llm_learning_rate=0.001, eval_step=100))
+        tmp_path, text_data[0], epochs=15, learning_rate=0.005, llm_learning_rate=0.001, eval_step=100,
+        llm_bf16=llm_bf16))
     trainer = trainer_for(config, model)
     trainer.fit(train_data, valid_data, saved=False)
     result = trainer.evaluate(test_data, load_best_model=False)

@@ -27,7 +27,7 @@ from recbole_darec.model.adapters import attach_adapters, parse_adapter_arch, se
 from recbole_darec.model.backbone import load_backbone
 from recbole_darec.model.item_cache import ItemStateCache
 from recbole_darec.model.item_states import cached_item_text_states, drop_lower_layers, pca_whitening
-from recbole_darec.model.layout import SpecialTokens, pack_items, pack_sequences
+from recbole_darec.model.layout import PAD_BLOCK, SpecialTokens, pack_items, pack_sequences
 from recbole_darec.model.losses import cooccurrence_matrix, hard_negative_loss, info_nce, mine_hard_negatives
 from recbole_darec.model.masks import attention_mask
 
@@ -85,6 +85,7 @@ class DARec(SequentialRecommender):
         self.register_buffer("item_token_len", token_len, persistent=False)
         if self.history_input == "items":
             self._build_item_level(config, hidden_size)
+        self._configure_llm_pass(config)
         self.n_llm_layers = len(self.backbone.layers)  # the layers with adapters (and an architecture to search)
 
         vocab = self.backbone.vocab_size
@@ -179,19 +180,39 @@ class DARec(SequentialRecommender):
         self.register_buffer("whitening_mean", mean, persistent=False)
         self.register_buffer("whitening", projection, persistent=False)  # (H, whiten_dim)
 
+    def _configure_llm_pass(self, config) -> None:
+        attention = config["attention"] or "sdpa"
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"attention={attention!r}: expected sdpa (memory-efficient) or eager (dense reference)")
+        self.llm.set_attn_implementation(attention)
+        if config["gradient_checkpointing"]:
+            # Non-reentrant: the adapters' hooks and dropout run again, with the same RNG state, in the recompute.
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.llm_bf16 = bool(config["llm_bf16"])
+        # CUDA's memory-efficient SDPA kernel copies a mask whose last dimension is not a multiple of 8, in every
+        # layer, and keeps each copy for backward; padding the tokens to a multiple of 8 saves those copies.
+        self.pad_tokens_to = 8 if torch.device(config["device"]).type == "cuda" else 1
+
     # ----- the LLM pass ---------------------------------------------------------------------------------------
     def forward(self, inputs_embeds: torch.Tensor, block_ids: torch.Tensor,
                 context_masking: bool | None = None) -> torch.Tensor:
         """The backbone's last hidden states (B, T, H) for ``inputs_embeds`` (B, T, H), masked by ``block_ids``."""
         if context_masking is None:
             context_masking = self.context_masking
-        mask = attention_mask(block_ids, context_masking, inputs_embeds.dtype)  # (B, 1, T, T)
+        length = block_ids.shape[1]
+        padding = -length % self.pad_tokens_to
+        if padding:  # padding tokens (block -1) are seen by no token
+            inputs_embeds = F.pad(inputs_embeds, (0, 0, 0, padding))
+            block_ids = F.pad(block_ids, (0, padding), value=PAD_BLOCK)
+        mask_dtype = torch.bfloat16 if self.llm_bf16 else inputs_embeds.dtype  # SDPA wants the queries' dtype
+        mask = attention_mask(block_ids, context_masking, mask_dtype)  # (B, 1, T, T)
         position_ids = torch.arange(block_ids.shape[1], device=block_ids.device).expand_as(block_ids)
         # The adapters act inside this call: attach_adapters hooked them onto every decoder layer's attention and
         # FFN (LoRA: peft replaced the target projections), so the backbone runs as its own code.
-        output = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                          use_cache=False)
-        return output.last_hidden_state  # (B, T, H)
+        with torch.autocast(inputs_embeds.device.type, dtype=torch.bfloat16, enabled=self.llm_bf16):
+            output = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                              use_cache=False)
+        return output.last_hidden_state[:, :length].float()  # (B, T, H)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.backbone.vocab_size

@@ -1,0 +1,154 @@
+"""Peak memory of DARec's LLM pass (one training forward + backward) against the tokens per row.
+
+    python benchmarks/memory.py --dataset=amazon-scientific
+
+Token-level DARec (the paper's layout: every layer reads every token) on the pretrained SmolLM2-135M truncated to
+``--layers``, with its adapters and the context mask, on rows of 33-token items (32 text tokens + ``[ITEM]``).
+Settings compared: ``attention: eager`` (the dense reference: every layer keeps its attention probabilities),
+``attention: sdpa`` (the default) and sdpa with ``gradient_checkpointing``. Each setting runs in its own process
+with glibc's mmap threshold fixed, so freed tensors leave the process and its peak RSS (VmHWM, reset before each
+measured step) is the step's own. Prints a markdown table, the growth per doubling of the tokens and an estimate
+for the paper profile; writes ``--out`` (json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from run import default_data_path  # noqa: E402
+
+SETTINGS = {
+    "eager": {"attention": "eager"},
+    "sdpa": {"attention": "sdpa"},
+    "sdpa+checkpointing": {"attention": "sdpa", "gradient_checkpointing": True},
+}
+ITEM_TOKENS = 33  # 32 text tokens + [ITEM], as in the paper profile
+PAPER = {"rows": 64, "tokens": 1 + 50 * ITEM_TOKENS, "layers": 30}
+
+
+def _rss_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+
+def measure_child(args) -> list[dict]:
+    import torch
+
+    from recbole_darec.config import Config
+    from recbole_darec.data import load_data
+    from recbole_darec.utils import build_model
+
+    torch.set_num_threads(args.threads)
+    layers = args.layers[0]
+    settings = {"data_path": args.data_path, "history_input": "tokens", "llm_layers": layers,
+                "item_max_tokens": ITEM_TOKENS - 1, "item_text_cache_dir": args.cache_dir, "state": "WARNING",
+                "show_progress": False, **SETTINGS[args.setting]}
+    config = Config(model="DARec", dataset=args.dataset, config_dict=settings)
+    _, train_data, _, _ = load_data(config)
+    model = build_model(config, train_data._dataset)
+    model.train()
+    rows = []
+    for tokens in args.tokens:
+        generator = torch.Generator().manual_seed(0)
+        token_ids = torch.randint(0, model.backbone.vocab_size, (args.rows, tokens), generator=generator)
+        block_ids = (torch.arange(tokens) + ITEM_TOKENS - 1) // ITEM_TOKENS  # [CF_USER] block 0, then one per item
+        block_ids = block_ids.expand(args.rows, tokens).contiguous()
+        with torch.no_grad():
+            inputs_embeds = model._embed(token_ids)  # (rows, tokens, H)
+
+        def step(inputs_embeds=inputs_embeds, block_ids=block_ids):
+            model.zero_grad(set_to_none=True)
+            model(inputs_embeds, block_ids).square().mean().backward()
+
+        step()  # warm-up: one-off allocations (kernels, thread pools) are not the step's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _rss_mb("VmRSS:")
+        start = time.perf_counter()
+        step()
+        rows.append({"setting": args.setting, "layers": layers, "rows": args.rows, "tokens": tokens,
+                     "peak_mb": round(_rss_mb("VmHWM:") - before, 1), "step_s": round(time.perf_counter() - start, 2)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="amazon-scientific")
+    parser.add_argument("--data_path", default=None)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 1024, 2048], help="tokens per row")
+    parser.add_argument("--rows", type=int, default=4, help="rows per batch")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4],
+                        help="backbone depths (the table: the first; the per-layer cost: the difference)")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory-cpu.json"))
+    parser.add_argument("--cache_dir", default=str(ROOT / "saved" / "item_text_cache"))
+    parser.add_argument("--setting", help=argparse.SUPPRESS)  # a child process: one setting, one depth
+    args = parser.parse_args()
+    args.data_path = args.data_path or default_data_path(args.dataset)
+    if args.setting:
+        print("ROWS " + json.dumps(measure_child(args)))
+        return
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536",
+           "OMP_NUM_THREADS": str(args.threads)}
+    rows = []
+    for layers in args.layers:
+        for setting in args.settings.split(","):
+            command = [sys.executable, __file__, f"--dataset={args.dataset}", f"--data_path={args.data_path}",
+                       f"--rows={args.rows}", f"--layers={layers}", f"--setting={setting}",
+                       f"--threads={args.threads}", f"--cache_dir={args.cache_dir}", "--tokens",
+                       *map(str, args.tokens)]
+            child = subprocess.run(command, env=env, capture_output=True, text=True)
+            if child.returncode:
+                raise SystemExit(f"{setting}, {layers} layers failed:\n{child.stderr[-3000:]}")
+            output = child.stdout
+            rows += json.loads(next(line[5:] for line in output.splitlines() if line.startswith("ROWS ")))
+            print(f"done: {setting}, {layers} layers", file=sys.stderr)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    print(report(rows, args.layers))
+
+
+def report(rows: list[dict], depths: list[int]) -> str:
+    shallow = depths[0]
+    settings = list(dict.fromkeys(row["setting"] for row in rows))
+    tokens = sorted({row["tokens"] for row in rows})
+    peak = {(r["setting"], r["layers"], r["tokens"]): r["peak_mb"] for r in rows}
+    seconds = {(r["setting"], r["layers"], r["tokens"]): r["step_s"] for r in rows}
+    n_rows = rows[0]["rows"]
+    lines = [f"Peak RSS of one training step (MB above the model), {n_rows} rows, {shallow} layers:", "",
+             "| setting | " + " | ".join(f"{t} tokens" for t in tokens) + " | growth per doubling | step s at "
+             f"{tokens[-1]} |", "|---" * (len(tokens) + 3) + "|"]
+    for setting in settings:
+        values = [peak[(setting, shallow, t)] for t in tokens]
+        growth = (values[-1] / values[0]) ** (1 / max(len(values) - 1, 1))
+        lines.append(f"| {setting} | " + " | ".join(f"{v:,.0f}" for v in values) + f" | {growth:.2f}x | "
+                     f"{seconds[(setting, shallow, tokens[-1])]:.1f} |")
+    if len(depths) > 1:
+        deep = depths[-1]
+        lines += ["", f"Paper profile estimate ({PAPER['rows']} rows x {PAPER['tokens']:,} tokens, "
+                  f"{PAPER['layers']} layers), linear in rows and tokens from the {tokens[-1]}-token step, the cost "
+                  f"per layer from {shallow} vs {deep} layers:"]
+        for setting in settings:
+            base, more = peak[(setting, shallow, tokens[-1])], peak[(setting, deep, tokens[-1])]
+            per_layer = (more - base) / (deep - shallow)
+            scale = PAPER["rows"] / n_rows * PAPER["tokens"] / tokens[-1]
+            if setting == "eager":  # the probabilities grow with tokens^2
+                scale = PAPER["rows"] / n_rows * (PAPER["tokens"] / tokens[-1]) ** 2
+            estimate = (base + per_layer * (PAPER["layers"] - shallow)) * scale / 1024
+            lines.append(f"- {setting}: {per_layer:,.0f} MB per layer at {tokens[-1]} tokens -> about "
+                         f"{estimate:,.0f} GB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
