@@ -18,7 +18,7 @@ from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.model.backbone import load_backbone
 from recbole_darec.model.item_states import drop_lower_layers
-from recbole_darec.model.layout import pack_sequences
+from recbole_darec.model.layout import pack_items, pack_sequences
 from recbole_darec.utils import get_model
 
 
@@ -36,23 +36,30 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(darec_step, plain_step, steps: int) -> dict:
-    """Median and quartiles of ``steps`` DARec and plain steps run in turns (DARec, plain, DARec, ...), and of
-    their pairwise ratios: a slow spell of the machine hits both sides of a pair, so the ratio stays comparable."""
-    darec_step(), plain_step()  # warm-up
-    darec, plain = [], []
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def interleaved(darec_step, plain_steps: dict, steps: int) -> dict:
+    """Medians (and quartiles) of ``steps`` DARec steps and of each plain step, run in turns (DARec, plain, ...,
+    DARec, ...), and of the pairwise ratios: a slow spell of the machine hits both sides of a pair alike."""
+    seconds = {"darec_step_s": [], **{f"{name}_step_s": [] for name in plain_steps}}
+    runs = {"darec_step_s": darec_step, **{f"{name}_step_s": fn for name, fn in plain_steps.items()}}
+    for fn in runs.values():
+        fn()  # warm-up
     for _ in range(steps):
-        darec.append(_seconds(darec_step))
-        plain.append(_seconds(plain_step))
-    ratios = [d / p for d, p in zip(darec, plain)]
-
-    def quartiles(values: list[float]) -> tuple[float, float, float]:
-        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-        return q1, median, q3
-
-    (d1, dm, d3), (p1, pm, p3), (r1, rm, r3) = quartiles(darec), quartiles(plain), quartiles(ratios)
-    return {"steps": steps, "darec_step_s": dm, "darec_step_s_iqr": [d1, d3], "plain_step_s": pm,
-            "plain_step_s_iqr": [p1, p3], "step_ratio": rm, "step_ratio_iqr": [r1, r3]}
+        for key, fn in runs.items():
+            seconds[key].append(_seconds(fn))
+    result = {"steps": steps}
+    for key, values in seconds.items():
+        q1, median, q3 = _quartiles(values)
+        result[key], result[f"{key}_iqr"] = median, [q1, q3]
+    for name in plain_steps:
+        ratio_key = "step_ratio" if name == "plain" else f"step_ratio_{name}"
+        q1, median, q3 = _quartiles([d / p for d, p in zip(seconds["darec_step_s"], seconds[f"{name}_step_s"])])
+        result[ratio_key], result[f"{ratio_key}_iqr"] = median, [q1, q3]
+    return result
 
 
 def tokens_per_epoch(sequences: torch.Tensor, lengths: torch.Tensor, item_token_len: torch.Tensor) -> tuple[int, int]:
@@ -95,11 +102,33 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
         embeds = model._embed(packed.input_ids).detach()
         padding_mask = (packed.block_ids >= 0).long()
 
-    def plain_step():
-        inputs = embeds.clone().requires_grad_(True)  # backward through every layer, as DARec's adapters need
-        plain(inputs_embeds=inputs, attention_mask=padding_mask, use_cache=False).last_hidden_state.sum().backward()
+    def plain_pass(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, backward: bool = True) -> None:
+        inputs = inputs_embeds.clone().requires_grad_(backward)  # backward through every layer, as adapters need
+        with torch.set_grad_enabled(backward):
+            hidden = plain(inputs_embeds=inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if backward:
+            hidden.sum().backward()
 
-    timing = interleaved(darec_step, plain_step, steps)
+    plain_steps = {"plain": lambda: plain_pass(embeds, padding_mask)}
+    if model.history_input == "tokens":
+        # Every token a token-level step runs through the LLM: the histories, the batch's target items alone (with
+        # gradient) and the slice of the item-cache refresh (without).
+        _, next_items = model._next_positions(full_seq, item_len + 1)
+        fresh = torch.unique(next_items)[: model.fresh_items_per_step or None]
+        per_step = -(-(model.n_items - 1) // model.item_cache.refresh_every)
+        refreshed = torch.arange(1, per_step + 1, device=fresh.device)
+        item_inputs = []
+        for items in (fresh, refreshed):
+            packed_items = pack_items(items, model.item_token_ids, model.item_token_len, model.special)
+            item_inputs.append((model._embed(packed_items.input_ids).detach(), (packed_items.block_ids >= 0).long()))
+
+        def plain_every_token():
+            plain_pass(embeds, padding_mask)
+            plain_pass(*item_inputs[0])
+            plain_pass(*item_inputs[1], backward=False)
+
+        plain_steps["plain_all"] = plain_every_token
+    timing = interleaved(darec_step, plain_steps, steps)
     # Token level: a full refresh of the training item cache; item level keeps no such cache.
     refresh_seconds = _timed(model.encode_all_items, 1) if model.history_input == "tokens" else 0.0
 
