@@ -29,6 +29,8 @@ from recbole_darec.provenance import code_version, git_commit
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["recall@10", "recall@50", "ndcg@10", "ndcg@50", "mrr@10", "mrr@50"]
 DEFAULT_MODELS = "DARec,DARecbase,SASRec,GRU4Rec,BERT4Rec"
+# Settings that are the row's own paths (RecBole rewrites data_path into data_path/dataset in its config).
+ROW_PATHS = ("data_path", "checkpoint_dir", "item_text_cache_dir")
 
 
 def default_data_path(dataset: str) -> str | None:
@@ -86,6 +88,26 @@ def reusable(result_file: Path, same_config: bool, code: str, keep_stale: bool, 
     print(f"== {name}: the finished row was made by other code ({made_by or 'unrecorded'}, now {code}): rerun",
           flush=True)
     return False
+
+
+def interrupted_run(out_dir: Path, model: str, settings: dict, started_file: Path, code: str) -> Path | None:
+    """The resume checkpoint (``saved/<Model>-<time>-last.pth``) of an earlier start of this row that did not
+    finish: one written after that start, by the same code, with this row's settings in its config."""
+    if not started_file.exists():
+        return None
+    started = json.loads(started_file.read_text())
+    if started.get("code_version") != code or started.get("settings") != settings:
+        return None
+    import recbole_darec  # noqa: F401  (compat first)
+    from recbole_darec.compat import load_trusted_checkpoint
+
+    candidates = [p for p in (out_dir / "saved").glob(f"{model}-*-last.pth") if p.stat().st_mtime >= started["at"]]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        config = load_trusted_checkpoint(str(path), map_location="cpu").get("config")
+        if config is not None and all(str(config[key]) == str(value) for key, value in settings.items()
+                                      if key not in ROW_PATHS):
+            return path
+    return None
 
 
 def run_row(model: str, dataset: str, settings: dict, result_file: Path) -> None:
@@ -222,15 +244,28 @@ def main() -> None:
                     print(f"== {variant} (seed {seed}): no finished row, left out (--report_only)", flush=True)
                     continue
                 config_file.write_text(json.dumps(settings, indent=1))
-                print(f"== {variant} (seed {seed}) ...", flush=True)
+                started_file = Path(f"{stem}.started.json")
+                resume = interrupted_run(out_dir, model, settings, started_file, code)
+                if resume:
+                    # An earlier start of this row was cut off: go on from its last finished epoch.
+                    print(f"== {variant} (seed {seed}): resuming from {resume.name}", flush=True)
+                    settings_file = Path(f"{stem}.resume.json")
+                    settings_file.write_text(json.dumps({**settings, "resume": str(resume)}, indent=1))
+                else:
+                    print(f"== {variant} (seed {seed}) ...", flush=True)
+                    started_file.write_text(json.dumps({"at": time.time(), "code_version": code, "commit": commit,
+                                                        "settings": settings}, indent=1))
+                    settings_file = config_file
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "row", model,
-                                       f"{stem}.config.json", str(result_file)], cwd=out_dir, check=False)
+                                       str(settings_file), str(result_file)], cwd=out_dir, check=False)
                 if done.returncode != 0:
                     print(f"!! {variant} (seed {seed}) failed with exit code {done.returncode}", flush=True)
                     continue
                 print(f"   done in {time.perf_counter() - start:.0f}s", flush=True)
                 result = json.loads(result_file.read_text())
+                if resume:  # its train time counts only the epochs after the resume
+                    result["resumed_from"] = resume.name
                 result_file.write_text(json.dumps({**result, "code_version": code, "commit": commit},
                                                   default=float, indent=1))
             row = json.loads(result_file.read_text())

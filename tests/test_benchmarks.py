@@ -118,3 +118,29 @@ def test_diagnose_prints_losses_collapse_statistics_and_a_validation_estimate(tm
     steps = [line for line in lines if line.startswith("step")]
     assert len(steps) == 2 and "users cos" in steps[0] and "items cos" in steps[0]
     assert lines[-1].startswith("valid users 20: Recall@10")
+
+
+def test_an_interrupted_row_resumes_from_its_last_epoch(tmp_path, tiny_dataset):
+    """A row whose process died after an epoch goes on from its resume checkpoint when the benchmark is run again,
+    if the code and settings are the same; otherwise it starts afresh."""
+    profile, out = write_profile(tmp_path), tmp_path / "out"
+    common = ["--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile), "--out", str(out),
+              "--models", "SASRec", "--set", "epochs=2"]
+    run_script("run.py", *common, cwd=tmp_path)
+    row_file, started_file = out / "rows" / "SASRec-seed2020.json", out / "rows" / "SASRec-seed2020.started.json"
+    first = json.loads(row_file.read_text())
+    assert "resumed_from" not in first and started_file.is_file()
+    (last,) = (out / "saved").glob("SASRec-*-last.pth")
+
+    row_file.unlink()  # as if the process had died after its last epoch, before writing the row
+    done = run_script("run.py", *common, cwd=tmp_path)
+    assert f"resuming from {last.name}" in done.stdout
+    resumed = json.loads(row_file.read_text())
+    assert resumed["resumed_from"] == last.name and resumed["test_result"] == first["test_result"]
+
+    # Started by other code: the checkpoint is not trusted to continue, the row starts afresh.
+    row_file.unlink()
+    started_file.write_text(json.dumps({**json.loads(started_file.read_text()), "code_version": "0123456789ab"}))
+    done = run_script("run.py", *common, cwd=tmp_path)
+    assert "resuming" not in done.stdout and "== SASRec (seed 2020) ..." in done.stdout
+    assert "resumed_from" not in json.loads(row_file.read_text())
