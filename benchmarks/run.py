@@ -245,7 +245,8 @@ def main() -> None:
                     continue
                 config_file.write_text(json.dumps(settings, indent=1))
                 started_file = Path(f"{stem}.started.json")
-                resume = interrupted_run(out_dir, model, settings, started_file, code)
+                # A finished row that is rerun (other code, other settings) starts afresh; only one cut off resumes.
+                resume = None if result_file.exists() else interrupted_run(out_dir, model, settings, started_file, code)
                 if resume:
                     # An earlier start of this row was cut off: go on from its last finished epoch.
                     print(f"== {variant} (seed {seed}): resuming from {resume.name}", flush=True)
