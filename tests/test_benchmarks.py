@@ -144,3 +144,28 @@ def test_an_interrupted_row_resumes_from_its_last_epoch(tmp_path, tiny_dataset):
     done = run_script("run.py", *common, cwd=tmp_path)
     assert "resuming" not in done.stdout and "== SASRec (seed 2020) ..." in done.stdout
     assert "resumed_from" not in json.loads(row_file.read_text())
+
+
+
+def test_shipped_profiles_name_real_models_and_settings():
+    """Every variant of every shipped profile names a model the harness finds, and only settings that a yaml of that
+    model (its own layers: DARecbase on DARec, TextSASRec on SASRec) or of every run defines: RecBole's Config takes
+    any key, so a misspelled one in a profile would be silently ignored and the row would run the defaults."""
+    from recbole_darec.config import KNOWN_WITHOUT_DEFAULT, PROPERTIES_DIR, RECBOLE_PROPERTIES_DIR, model_yaml_files
+    from recbole_darec.utils import get_model
+
+    def keys(files) -> set[str]:
+        return {key for path in files if path.is_file() for key in (yaml.safe_load(path.read_text()) or {})}
+
+    every_run = KNOWN_WITHOUT_DEFAULT | keys([
+        RECBOLE_PROPERTIES_DIR / "overall.yaml", *(RECBOLE_PROPERTIES_DIR / "dataset").glob("*.yaml"),
+        *PROPERTIES_DIR.glob("*.yaml"), *(PROPERTIES_DIR / "dataset").glob("*.yaml")])
+    profiles = sorted((REPO / "benchmarks" / "profiles").glob("*.yaml"))
+    assert {p.stem for p in profiles} >= {"cpu", "cpu-small", "paper", "ablation"}
+    for path in profiles:
+        profile = yaml.safe_load(path.read_text())
+        for variant, settings in profile["variants"].items():
+            settings = {**profile.get("common", {}), **settings}
+            model = settings.pop("model")
+            unknown = set(settings) - every_run - keys(model_yaml_files(model, get_model(model)))
+            assert not unknown, f"{path.name}: variant {variant} sets {sorted(unknown)}; no yaml of {model} has them"
