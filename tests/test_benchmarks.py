@@ -146,7 +146,6 @@ def test_an_interrupted_row_resumes_from_its_last_epoch(tmp_path, tiny_dataset):
     assert "resumed_from" not in json.loads(row_file.read_text())
 
 
-
 def test_shipped_profiles_name_real_models_and_settings():
     """Every variant of every shipped profile names a model the harness finds, and only settings that a yaml of that
     model (its own layers: DARecbase on DARec, TextSASRec on SASRec) or of every run defines: RecBole's Config takes
