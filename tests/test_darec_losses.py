@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 from darec_testing import DAREC_TEST_FIXTURES, build, first_batch, settings_for
 
-from recbole_darec.model.losses import cooccurrence_matrix, mine_hard_negatives
+from recbole_darec.model.losses import cooccurrence_matrix, hard_negative_loss, mine_hard_negatives
 
 pytestmark = DAREC_TEST_FIXTURES
 
@@ -112,3 +112,29 @@ def test_fresh_items_per_step_caps_the_items_encoded_with_gradient(tmp_path, tex
     assert set(fresh_calls[0]) <= targets | set(batch[model.POS_ITEM_ID].tolist())
     assert all(torch.isfinite(loss) for loss in losses)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+
+
+def test_hard_negative_loss_gradient_is_the_same_on_every_run_with_two_threads():
+    # Many targets share one item row: the gather's backward sums into that row from several threads, and a
+    # thread-dependent summation order made two runs with one seed drift apart (the DARec rows ran at 2 threads).
+    generator = torch.Generator().manual_seed(0)
+    users = torch.randn(512, 256, generator=generator)
+    item_vecs = torch.randn(300, 256, generator=generator)
+    targets = torch.randint(1, 300, (512,), generator=generator)
+    negative_ids = torch.randint(1, 300, (512, 10), generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(8):
+            table = item_vecs.clone().requires_grad_(True)
+            hard_negative_loss(users, table, targets, negative_ids, 0.1).backward()
+            grads.append(table.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+    # ... and it is the InfoNCE it says: the target in column 0 of its candidates.
+    candidates = torch.nn.functional.normalize(item_vecs[torch.cat([targets[:, None], negative_ids], 1)], dim=-1)
+    logits = torch.einsum("pd,pkd->pk", torch.nn.functional.normalize(users, dim=-1), candidates) / 0.1
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(512, dtype=torch.long))
+    torch.testing.assert_close(hard_negative_loss(users, item_vecs, targets, negative_ids, 0.1), expected)
