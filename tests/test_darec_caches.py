@@ -56,7 +56,7 @@ def test_evaluation_sees_an_architecture_set_in_eval_mode(tmp_path, text_data):
     trainer.evaluate(valid_data, load_best_model=False)
     assert [layer.router.choice for layer in model.adapters] == [PARALLEL, PARALLEL]
     with torch.no_grad():
-        expected = model.item_vectors(model.encode_all_items(), torch.arange(model.n_items))
+        expected = model.item_vectors(model._text_features(model.encode_all_items()))
     torch.testing.assert_close(model._all_item_vectors(), expected)
 
 

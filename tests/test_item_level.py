@@ -76,7 +76,7 @@ def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text
     full = torch.cat([seq, torch.zeros_like(seq[:, :1])], dim=1)
     full[torch.arange(len(seq_len)), seq_len] = interaction[model.POS_ITEM_ID]
     states = model.encode_item_histories(full, seq_len + 1)
-    items = model.text_item_vectors(torch.arange(model.n_items))
+    items = model.text_item_vectors()
 
     def loss_with_shift(shift: int) -> torch.Tensor:
         """Cross-entropy of the state after item k+1 (index k) against the item at index k + shift."""

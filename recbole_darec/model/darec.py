@@ -44,7 +44,7 @@ class NextItemTerms:
     next_items: torch.Tensor  # (P,) ... and item k+1, its target
     item_vecs: torch.Tensor  # (n_items, D) every candidate
     aligned_items: torch.Tensor  # (N,) items whose text vector L_align pulls towards their ID embedding
-    aligned_states: torch.Tensor  # (N, H) their text states
+    aligned_features: torch.Tensor  # (N, text_dim) their text features (whitened or standardised states)
 
 
 class DARec(SequentialRecommender):
@@ -177,8 +177,9 @@ class DARec(SequentialRecommender):
         mean, projection = pca_whitening(states[1:], int(config["whiten_dim"] or hidden_size))
         self.register_buffer("item_text_states", states, persistent=False)  # (n_items, H), frozen
         self.register_buffer("first_token_state", first, persistent=False)  # (H,)
-        self.register_buffer("whitening_mean", mean, persistent=False)
         self.register_buffer("whitening", projection, persistent=False)  # (H, whiten_dim)
+        # The text side of every candidate vector, whitened once here rather than in every step and evaluation.
+        self.register_buffer("item_text_features", (states - mean) @ projection, persistent=False)  # (n_items, W)
 
     def _configure_llm_pass(self, config) -> None:
         attention = config["attention"] or "sdpa"
@@ -293,11 +294,9 @@ class DARec(SequentialRecommender):
         return states
 
     # ----- user and item vectors, scores ----------------------------------------------------------------------
-    def _text_features(self, item_states: torch.Tensor) -> torch.Tensor:
-        """Item text states made isotropic: PCA-whitened (item-level mode) or standardised (token-level mode)."""
-        if self.history_input == "items":
-            return (item_states - self.whitening_mean) @ self.whitening
-        return (item_states - self.state_mean) / self.state_std
+    def _text_features(self, states: torch.Tensor) -> torch.Tensor:
+        """Token-level mode: LLM states standardised per dimension (item level uses ``item_text_features``)."""
+        return (states - self.state_mean) / self.state_std
 
     def _user_head(self, states: torch.Tensor) -> torch.Tensor:
         """User vectors (P, D) from user states (P, H)."""
@@ -305,20 +304,24 @@ class DARec(SequentialRecommender):
             return self.user_proj(states)
         return self.user_proj(self._text_features(states))
 
-    def known_item_ids(self, item_ids: torch.Tensor) -> torch.Tensor:
-        """ID embeddings, zero for items that never occur in training."""
+    def known_item_ids(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """ID embeddings of ``item_ids`` (default: every item), zero for items that never occur in training."""
+        if item_ids is None:
+            return self.item_id_embedding.weight * self.item_id_known[:, None]
         return self.item_id_embedding(item_ids) * self.item_id_known[item_ids, None]
 
-    def item_vectors(self, item_states: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        """Candidate vectors (N, D): the projected text state, plus the ID embedding (``use_item_id``)."""
-        vectors = self.item_proj(self._text_features(item_states))
+    def item_vectors(self, item_features: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Candidate vectors (N, D) of ``item_ids`` (default: every item) from their text features (N, text_dim):
+        the projected features, plus the ID embedding (``use_item_id``)."""
+        vectors = self.item_proj(item_features)
         if self.use_item_id:
             vectors = vectors + self.known_item_ids(item_ids)
         return vectors
 
-    def text_item_vectors(self, item_ids: torch.Tensor) -> torch.Tensor:
-        """Item-level mode: candidate vectors from the cached text states, (N, D)."""
-        return self.item_vectors(self.item_text_states[item_ids], item_ids)
+    def text_item_vectors(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Item-level mode: candidate vectors from the cached text features, (N, D); default every item."""
+        features = self.item_text_features if item_ids is None else self.item_text_features[item_ids]
+        return self.item_vectors(features, item_ids)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(P, D) x (N, D) -> (P, N) logits."""
@@ -357,12 +360,12 @@ class DARec(SequentialRecommender):
         states = self.encode_item_histories(full_seq, full_len, users)  # (B, L+1, H)
         has_next, next_items = self._next_positions(full_seq, full_len)
         user_vecs = self._user_head(self.dropout(states[:, :-1][has_next]))  # (P, D): after item k, for item k+1
-        item_vecs = self.text_item_vectors(torch.arange(self.n_items, device=full_seq.device))  # (n_items, D)
+        item_vecs = self.text_item_vectors()  # (n_items, D)
         logits = self.score(user_vecs, item_vecs)
         logits[:, 0] = float("-inf")
         batch_items = torch.unique(next_items)
         return NextItemTerms(F.cross_entropy(logits, next_items), user_vecs, next_items, item_vecs,
-                             batch_items, self.item_text_states[batch_items])
+                             batch_items, self.item_text_features[batch_items])
 
     def _next_item_loss_token_level(self, full_seq: torch.Tensor, full_len: torch.Tensor,
                                     users: torch.Tensor | None) -> NextItemTerms:
@@ -378,7 +381,7 @@ class DARec(SequentialRecommender):
         has_next, next_items = self._next_positions(full_seq, full_len)
         user_vecs = self._user_head(states[:, :-1][has_next])  # (P, D): the state after item k predicts item k+1
         # 1) every item from the cache: trains the user side, item_proj and the ID embeddings;
-        item_vecs = self.item_vectors(self.item_cache.states, torch.arange(self.n_items, device=full_seq.device))
+        item_vecs = self.item_vectors(self._text_features(self.item_cache.states))
         logits = self.score(user_vecs, item_vecs)
         logits[:, 0] = float("-inf")
         loss = F.cross_entropy(logits, next_items)
@@ -394,9 +397,9 @@ class DARec(SequentialRecommender):
             batch_items, target_in_batch = batch_items[keep], new_index[target_in_batch]
             fresh_users, target_in_batch = user_vecs[target_in_batch >= 0], target_in_batch[target_in_batch >= 0]
         fresh_states, align_states = self.encode_items(batch_items)
-        fresh_vecs = self.item_vectors(fresh_states, batch_items)  # (N_fresh, D)
+        fresh_vecs = self.item_vectors(self._text_features(fresh_states), batch_items)  # (N_fresh, D)
         loss = loss + F.cross_entropy(self.score(fresh_users, fresh_vecs), target_in_batch)
-        return NextItemTerms(loss, user_vecs, next_items, item_vecs, batch_items, align_states)
+        return NextItemTerms(loss, user_vecs, next_items, item_vecs, batch_items, self._text_features(align_states))
 
     def _auxiliary_losses(self, terms: NextItemTerms, users: torch.Tensor | None, full_seq: torch.Tensor,
                           full_len: torch.Tensor) -> list[torch.Tensor]:
@@ -404,14 +407,14 @@ class DARec(SequentialRecommender):
         if self.lambda_align > 0:
             # An item's text vector (token level: its [ALIGN] state) vs. its ID embedding: the text and ID spaces
             # describe the same item.
-            text = self.item_proj(self._text_features(terms.aligned_states))
+            text = self.item_proj(terms.aligned_features)
             losses.append(self.lambda_align * info_nce(text, self.item_id_embedding(terms.aligned_items),
                                                        self.temperature))
         if self.lambda_hard > 0:
             self._mine_hard_negatives()
-            negatives = terms.item_vecs[self.hard_negatives[terms.next_items]]  # (P, K, D)
-            losses.append(self.lambda_hard * hard_negative_loss(terms.user_vecs, terms.item_vecs[terms.next_items],
-                                                                negatives, self.hard_temperature))
+            losses.append(self.lambda_hard * hard_negative_loss(terms.user_vecs, terms.item_vecs, terms.next_items,
+                                                                self.hard_negatives[terms.next_items],
+                                                                self.hard_temperature))
         if self.cf_injection is not None and self.cf_injection.lambda_cf > 0:
             losses.append(self.cf_injection.lambda_cf * self.cf_injection.calculate_loss(users, full_seq, full_len))
         return losses
@@ -422,7 +425,7 @@ class DARec(SequentialRecommender):
         if bool(self.hard_negatives_ready):
             return
         if self.history_input == "items":
-            item_states = self._text_features(self.item_text_states)
+            item_states = self.item_text_features
         else:
             item_states = self.item_cache.states
         sequences, lengths = self._training_sequences
@@ -443,11 +446,11 @@ class DARec(SequentialRecommender):
         return self._user_head(states[torch.arange(len(item_len)), item_len - 1])  # after the history's last item
 
     def _all_item_vectors(self) -> torch.Tensor:
-        if self.history_input == "items":
-            return self.text_item_vectors(torch.arange(self.n_items, device=self.item_text_states.device))
         if self._eval_item_vectors is None or self.training:
-            all_items = torch.arange(self.n_items, device=self.item_token_ids.device)
-            self._eval_item_vectors = self.item_vectors(self.encode_all_items(), all_items)
+            if self.history_input == "items":
+                self._eval_item_vectors = self.text_item_vectors()
+            else:
+                self._eval_item_vectors = self.item_vectors(self._text_features(self.encode_all_items()))
         return self._eval_item_vectors
 
     def predict(self, interaction):
