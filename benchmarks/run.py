@@ -58,10 +58,17 @@ def row_config(profile: dict, variant: str, seed: int, data_path: str | None, ou
                overrides: dict) -> tuple[str, dict]:
     if variant not in profile["variants"]:
         raise SystemExit(f"--models: unknown variant '{variant}'; the profile defines {', '.join(profile['variants'])}")
+    if "checkpoint_dir" in overrides:
+        raise SystemExit("--set checkpoint_dir: a row keeps its checkpoints in <--out>/saved, where an interrupted "
+                         "row resumes from; choose the folder with --out instead")
     settings = {**profile.get("common", {}), **profile["variants"][variant], **overrides}
     model = settings.pop("model")
-    settings.update({"seed": seed, "checkpoint_dir": str(out_dir / "saved"),
-                     "item_text_cache_dir": str(out_dir / "saved" / "item_text_cache")})
+    settings.update({"seed": seed, "checkpoint_dir": str(out_dir / "saved")})
+    # The item text cache depends only on the backbone and the item text, so rows of other result folders may
+    # share one (--set item_text_cache_dir=...) instead of computing it again. Resolved here: rows run in out_dir.
+    cache_dir = overrides.get("item_text_cache_dir")
+    settings["item_text_cache_dir"] = str(Path(cache_dir).resolve() if cache_dir
+                                          else out_dir / "saved" / "item_text_cache")
     if data_path:
         settings["data_path"] = data_path
     return model, settings

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import TINY_DATASET
 from darec_testing import TINY_LLM
@@ -162,3 +163,20 @@ def test_shipped_profiles_name_real_models_and_settings():
             known = Config(model=model, dataset="amazon-scientific").internal_config_dict
             unknown = set(settings) - set(known) - KNOWN_WITHOUT_DEFAULT
             assert not unknown, f"{path.name}: variant {variant} sets {sorted(unknown)}; no yaml of {model} has them"
+
+
+def test_a_row_takes_the_item_text_cache_given_by_set_and_refuses_another_checkpoint_dir(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from run import row_config
+
+    profile = {"variants": {"DARec": {"model": "DARec"}}}
+    _, settings = row_config(profile, "DARec", 2020, None, tmp_path / "out", {})
+    assert settings["item_text_cache_dir"] == str(tmp_path / "out" / "saved" / "item_text_cache")
+    assert settings["checkpoint_dir"] == str(tmp_path / "out" / "saved")
+
+    monkeypatch.chdir(tmp_path)  # a relative path is the caller's, not the row folder's (rows run in out_dir)
+    _, settings = row_config(profile, "DARec", 2020, None, tmp_path / "out", {"item_text_cache_dir": "shared"})
+    assert settings["item_text_cache_dir"] == str(tmp_path / "shared")
+
+    with pytest.raises(SystemExit, match="checkpoint_dir.*--out"):
+        row_config(profile, "DARec", 2020, None, tmp_path / "out", {"checkpoint_dir": "elsewhere"})
