@@ -17,6 +17,7 @@ import torch
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.darec import HISTORY_GROUP_ROWS
 from recbole_darec.model.item_states import drop_lower_layers
 from recbole_darec.model.layout import pack_items, pack_sequences
 from recbole_darec.utils import get_model
@@ -109,7 +110,13 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
         if backward:
             hidden.sum().backward()
 
-    plain_steps = {"plain": lambda: plain_pass(embeds, padding_mask)}
+    if model.history_input == "items":
+        # Like DARec, rows of similar length run together, each group cut to its own longest row: the same tokens.
+        groups = [(embeds[rows, : 2 + int(item_len[rows].max())], padding_mask[rows, : 2 + int(item_len[rows].max())])
+                  for rows in torch.argsort(item_len + 1).split(HISTORY_GROUP_ROWS)]
+        plain_steps = {"plain": lambda: [plain_pass(*group) for group in groups]}
+    else:
+        plain_steps = {"plain": lambda: plain_pass(embeds, padding_mask)}
     if model.history_input == "tokens":
         # Every token a token-level step runs through the LLM: the histories, the batch's target items alone (with
         # gradient) and the slice of the item-cache refresh (without).

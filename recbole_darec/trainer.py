@@ -18,6 +18,15 @@ class TrustedCheckpointLoading:
     Pop/ItemKNN, KGTrainer, ...): RecBole's ``evaluate(load_best_model=True)`` calls ``torch.load`` with torch's
     ``weights_only`` default, which refuses RecBole's own checkpoints (they pickle the Config)."""
 
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        if getattr(self, "saved_model_file", None):
+            # RecBole names the checkpoint after the clock, to the second: two rows started side by side in one
+            # second (seeds run in parallel) wrote one file and both tested whichever weights were saved last.
+            # The process id makes the name this run's own; <model>-<time>-... still finds it for resume.
+            stem, ext = os.path.splitext(self.saved_model_file)
+            self.saved_model_file = f"{stem}-{os.getpid()}{ext}"
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model:

@@ -87,6 +87,22 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path, text_da
         assert torch.equal(resumed["state"][key], value), key
 
 
+def test_two_runs_started_in_the_same_second_keep_their_own_checkpoints(tmp_path, text_data, monkeypatch):
+    # Two benchmark rows (seeds) started side by side used to get one checkpoint name from RecBole's clock and
+    # both tested the weights the other had saved last.
+    import recbole.trainer.trainer as recbole_trainer
+
+    monkeypatch.setattr(recbole_trainer, "get_local_time", lambda: "Dec-03-2026_12-06-31")
+    _, name = text_data
+    config, model, *_ = build("DARec", name, settings(tmp_path, text_data))
+    names = []
+    for pid in (1001, 1002):  # two processes
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        names.append(trainer_for(config, model).saved_model_file)
+    assert names[0] != names[1]
+    assert all(Path(name).match("DARec-Dec-03-2026_12-06-31-*.pth") for name in names)  # resume's glob finds it
+
+
 def test_checkpoint_write_is_atomic(tmp_path, text_data, monkeypatch):
     trainer, result = train(tmp_path, text_data, "saved", epochs=1)
     last = trainer.last_checkpoint_file
