@@ -112,8 +112,10 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
 
     if model.history_input == "items":
         # Like DARec, rows of similar length run together, each group cut to its own longest row: the same tokens.
-        groups = [(embeds[rows, : 2 + int(item_len[rows].max())], padding_mask[rows, : 2 + int(item_len[rows].max())])
-                  for rows in torch.argsort(item_len + 1).split(HISTORY_GROUP_ROWS)]
+        groups = []
+        for rows in torch.argsort(item_len + 1).split(HISTORY_GROUP_ROWS):
+            width = 2 + int(item_len[rows].max())  # the first token, the history and its target
+            groups.append((embeds[rows, :width], padding_mask[rows, :width]))
         plain_steps = {"plain": lambda: [plain_pass(*group) for group in groups]}
     else:
         plain_steps = {"plain": lambda: plain_pass(embeds, padding_mask)}

@@ -222,3 +222,30 @@ def test_windows_cover_every_training_target_once(tmp_path):
     for user in set(users.tolist()):
         history = pair_items[pair_users == user].tolist()
         assert predicted[user] == history[1:], user  # every target after the first item, once, in time order
+
+
+def test_speed_benchmark_measures_the_item_level_step_against_the_same_length_groups(tmp_path, text_data,
+                                                                                    monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import speed
+
+    plain_inputs = []  # (rows, width) of every call of the plain backbone
+    load_backbone = speed.load_backbone
+
+    def recording_backbone(*args, **kwargs):
+        backbone = load_backbone(*args, **kwargs)
+        backbone.model.register_forward_pre_hook(
+            lambda _module, _args, inputs: plain_inputs.append(tuple(inputs["inputs_embeds"].shape[:2])),
+            with_kwargs=True)
+        return backbone
+
+    monkeypatch.setattr(speed, "load_backbone", recording_backbone)
+    result = speed.measure("DARec", text_data[1], item_settings(tmp_path, text_data[0], train_batch_size=40), steps=4)
+    assert result["history_input"] == "items" and result["steps"] == 4 and result["step_ratio"] > 0
+    assert result["eval_ms_per_user"] > 0
+    # One plain step = the batch in groups of HISTORY_GROUP_ROWS rows of similar length, each its own width, as
+    # DARec runs it: not one call over the batch padded to its longest row.
+    one_step = plain_inputs[: -(-result["batch_users"] // speed.HISTORY_GROUP_ROWS)]
+    assert len(plain_inputs) == 5 * len(one_step) and len(one_step) > 1  # warm-up + 4 steps
+    assert sum(rows for rows, _ in one_step) == result["batch_users"]
+    assert len({width for _, width in one_step}) > 1, one_step
