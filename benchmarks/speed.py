@@ -17,7 +17,7 @@ import torch
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.model.backbone import load_backbone
-from recbole_darec.model.darec import HISTORY_GROUP_ROWS
+from recbole_darec.model.darec import length_groups
 from recbole_darec.model.item_states import drop_lower_layers
 from recbole_darec.model.layout import pack_items, pack_sequences
 from recbole_darec.utils import get_model
@@ -111,11 +111,9 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
             hidden.sum().backward()
 
     if model.history_input == "items":
-        # Like DARec, rows of similar length run together, each group cut to its own longest row: the same tokens.
-        groups = []
-        for rows in torch.argsort(item_len + 1).split(HISTORY_GROUP_ROWS):
-            width = 2 + int(item_len[rows].max())  # the first token, the history and its target
-            groups.append((embeds[rows, :width], padding_mask[rows, :width]))
+        # DARec's own length groups (of history + target), so both sides run the same tokens.
+        groups = [(embeds[rows, : 1 + longest], padding_mask[rows, : 1 + longest])  # the first token, then the items
+                  for rows, longest in length_groups(item_len + 1)]
         plain_steps = {"plain": lambda: [plain_pass(*group) for group in groups]}
     else:
         plain_steps = {"plain": lambda: plain_pass(embeds, padding_mask)}

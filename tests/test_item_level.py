@@ -245,7 +245,7 @@ def test_speed_benchmark_measures_the_item_level_step_against_the_same_length_gr
     assert result["eval_ms_per_user"] > 0
     # One plain step = the batch in groups of HISTORY_GROUP_ROWS rows of similar length, each its own width, as
     # DARec runs it: not one call over the batch padded to its longest row.
-    one_step = plain_inputs[: -(-result["batch_users"] // speed.HISTORY_GROUP_ROWS)]
+    one_step = plain_inputs[: -(-result["batch_users"] // darec_module.HISTORY_GROUP_ROWS)]
     assert len(plain_inputs) == 5 * len(one_step) and len(one_step) > 1  # warm-up + 4 steps
     assert sum(rows for rows, _ in one_step) == result["batch_users"]
     assert len({width for _, width in one_step}) > 1, one_step

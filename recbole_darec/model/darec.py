@@ -35,6 +35,14 @@ from recbole_darec.model.masks import attention_mask
 HISTORY_GROUP_ROWS = 16
 
 
+def length_groups(lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """(rows, their longest length) for groups of ``HISTORY_GROUP_ROWS`` rows of similar ``lengths`` (B,).
+
+    Histories are short with a long tail (amazon-scientific: mean 5 items, up to 50): each group is cut to its own
+    longest row instead of every row padded to the batch's longest."""
+    return [(rows, int(lengths[rows].max())) for rows in torch.argsort(lengths).split(HISTORY_GROUP_ROWS)]
+
+
 @dataclass
 class NextItemTerms:
     """L_next and what the auxiliary losses reuse from it."""
@@ -259,11 +267,9 @@ class DARec(SequentialRecommender):
         slot_blocks = torch.where(slot_valid, torch.arange(1, n_slots + 1, device=seq_items.device), -1)
         prefix_blocks = torch.zeros(batch, n_prefix, dtype=torch.long, device=seq_items.device)
         block_ids = torch.cat([prefix_blocks, slot_blocks], dim=1)  # (B, P+L)
-        # Histories are short with a long tail (amazon-scientific: mean 5 items, up to 50): rows of similar length
-        # run together, each group cut to its own longest row, instead of every row padded to the batch's longest.
         hidden = torch.zeros_like(inputs)
-        for rows in torch.argsort(seq_len).split(HISTORY_GROUP_ROWS):
-            width = n_prefix + int(seq_len[rows].max())
+        for rows, longest in length_groups(seq_len):
+            width = n_prefix + longest
             hidden[rows, :width] = self(inputs[rows, :width], block_ids[rows, :width], context_masking=False)
         return hidden[:, n_prefix:]  # (B, L, H)
 
