@@ -4,7 +4,9 @@
   backbone (no adapters, causal mask) on the same packed tokens (item-level mode: its top layers over the batch's
   item states); the median of 20 steps of each, run in turns, with the quartiles;
 - LLM tokens per epoch: all-position training (one sample per user) vs. RecBole's per-prefix augmentation;
-- evaluation time per user (item vectors built once per evaluation, timed separately).
+- evaluation time per user (item vectors built once per evaluation, timed separately): ``full_sort_predict`` over
+  every test user, DARec and an (untrained: its time does not depend on its weights) SASRec on the same batches in
+  turns, the median of 3 passes each.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch
 
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
+from recbole_darec.model import darec as darec_module
 from recbole_darec.model.backbone import load_backbone
-from recbole_darec.model.darec import length_groups
 from recbole_darec.model.item_states import drop_lower_layers
-from recbole_darec.model.layout import pack_items, pack_sequences
+from recbole_darec.model.layout import pack_items, pack_rows, pack_sequences
+from recbole_darec.model.masks import attention_mask
 from recbole_darec.utils import get_model
 
 
@@ -75,9 +78,9 @@ def tokens_per_epoch(sequences: torch.Tensor, lengths: torch.Tensor, item_token_
     return all_position, per_prefix
 
 
-def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, steps: int = 20) -> dict:
+def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -> dict:
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
-    _, train_data, valid_data, _ = load_data(config)
+    _, train_data, valid_data, test_data = load_data(config)
     model = get_model(model_name)(config, train_data._dataset).to(config["device"])
     model.train()
     batch = next(iter(train_data)).to(config["device"])
@@ -91,31 +94,32 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
     item_seq, item_len, target = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
     full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
     full_seq[torch.arange(len(item_len)), item_len] = target
-    if model.history_input == "items":
-        # The same work without DARec: the top layers over the batch's item states, one vector per item.
-        drop_lower_layers(plain, model.n_item_layers)
-        full_seq = full_seq[:, : int(item_len.max()) + 1]
-        first = model.first_token_state.expand(len(item_len), 1, -1)
-        embeds = torch.cat([first, model.item_text_states[full_seq]], dim=1).detach()
-        padding_mask = torch.cat([torch.ones_like(item_len[:, None]), (full_seq > 0).long()], dim=1)
-    else:
-        packed = pack_sequences(full_seq, item_len + 1, model.item_token_ids, model.item_token_len, model.special)
-        embeds = model._embed(packed.input_ids).detach()
-        padding_mask = (packed.block_ids >= 0).long()
 
-    def plain_pass(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, backward: bool = True) -> None:
+    def plain_pass(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                   backward: bool = True) -> None:
         inputs = inputs_embeds.clone().requires_grad_(backward)  # backward through every layer, as adapters need
         with torch.set_grad_enabled(backward):
-            hidden = plain(inputs_embeds=inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = plain(inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
         if backward:
             hidden.sum().backward()
 
     if model.history_input == "items":
-        # DARec's own length groups (of history + target), so both sides run the same tokens.
-        groups = [(embeds[rows, : 1 + longest], padding_mask[rows, : 1 + longest])  # the first token, then the items
-                  for rows, longest in length_groups(item_len + 1)]
-        plain_steps = {"plain": lambda: [plain_pass(*group) for group in groups]}
+        # The same work without DARec: the top layers over the batch's item states, one vector per item, packed
+        # into the rows DARec runs (histories several to a row, each seeing only itself).
+        drop_lower_layers(plain, model.n_item_layers)
+        full_seq = full_seq[:, : int(item_len.max()) + 1]
+        first = model.first_token_state.expand(len(item_len), 1, -1)
+        rows = pack_rows(2 + item_len, full_seq.shape[1] + 1, darec_module.PACKED_ROW_TOKENS)
+        embeds = rows.pack(torch.cat([first, model.item_text_states[full_seq]], dim=1)).detach()
+        mask = attention_mask(rows.positions, True, embeds.dtype, rows.segment_ids)
+        positions = rows.positions.clamp(min=0)
+        padding_mask = rows.segment_ids >= 0  # the real tokens, for the count below
+        plain_steps = {"plain": lambda: plain_pass(embeds, mask, positions)}
     else:
+        packed = pack_sequences(full_seq, item_len + 1, model.item_token_ids, model.item_token_len, model.special)
+        embeds = model._embed(packed.input_ids).detach()
+        padding_mask = (packed.block_ids >= 0).long()
         plain_steps = {"plain": lambda: plain_pass(embeds, padding_mask)}
     if model.history_input == "tokens":
         # Every token a token-level step runs through the LLM: the histories, the batch's target items alone (with
@@ -143,7 +147,6 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
     all_position, per_prefix = tokens_per_epoch(sequences, lengths, model.item_token_len.cpu())
 
     model.eval()
-    eval_batch = next(iter(valid_data))[0].to(config["device"])
 
     def encode_every_item():
         model._eval_item_vectors = None
@@ -151,7 +154,7 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
 
     with torch.no_grad():
         item_seconds = _timed(encode_every_item, 1)
-        user_seconds = _timed(lambda: model.full_sort_predict(eval_batch), repeats) / len(eval_batch)
+        eval_ms = evaluation_ms_per_user(model, train_data._dataset, test_data, config_dict)
     return {
         "history_input": model.history_input,
         "batch_users": len(item_len),
@@ -161,5 +164,27 @@ def measure(model_name: str, dataset: str, config_dict: dict, repeats: int = 3, 
         "tokens_per_epoch_all_position": all_position,
         "tokens_per_epoch_per_prefix": per_prefix,
         "eval_item_encoding_s": item_seconds,
-        "eval_ms_per_user": 1000 * user_seconds,
+        **eval_ms,
     }
+
+
+def evaluation_ms_per_user(model, dataset, test_data, config_dict: dict, passes: int = 3) -> dict:
+    """ms per user of ``full_sort_predict`` over every test user: ``model`` and SASRec on the same batches, in turns
+    (a DARec batch, the same SASRec batch, ...), the median over ``passes`` passes of each."""
+    config = Config(model="SASRec", dataset=dataset.dataset_name, config_dict=config_dict)
+    sasrec = get_model("SASRec")(config, dataset).to(config["device"]).eval()
+    batches = [batch[0].to(config["device"]) for batch in test_data]
+    users = sum(len(batch) for batch in batches)
+    model.full_sort_predict(batches[0])  # warm-up; the item vectors are built once per evaluation, timed apart
+    sasrec.full_sort_predict(batches[0])
+    seconds = {"darec": [], "sasrec": []}
+    for _ in range(passes):
+        totals = {"darec": 0.0, "sasrec": 0.0}
+        for batch in batches:
+            totals["darec"] += _seconds(lambda b=batch: model.full_sort_predict(b))
+            totals["sasrec"] += _seconds(lambda b=batch: sasrec.full_sort_predict(b))
+        for name, total in totals.items():
+            seconds[name].append(total)
+    darec_ms, sasrec_ms = (1000 * statistics.median(seconds[name]) / users for name in ("darec", "sasrec"))
+    return {"eval_users": users, "eval_ms_per_user": darec_ms, "eval_ms_per_user_sasrec": sasrec_ms,
+            "eval_ratio_to_sasrec": darec_ms / sasrec_ms}

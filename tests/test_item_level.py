@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from darec_testing import BACKBONES, build, darec_settings, trainer_for, write_text_dataset
+from darec_testing import BACKBONES, TINY_LLM, build, darec_settings, trainer_for, write_text_dataset
 
 from recbole_darec.model import darec as darec_module
+from recbole_darec.model.backbone import sublayer_modules
 from recbole_darec.model.item_states import encode_item_text, pca_whitening
+from recbole_darec.model.layout import pack_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,24 +45,70 @@ def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model):
         torch.testing.assert_close(changed[1, :3], base[1, :3], rtol=0, atol=1e-5)
 
 
-def test_length_groups_give_the_states_of_one_padded_batch(tmp_path, text_data, monkeypatch):
-    """Rows run in groups of similar length, each cut to its longest row: the same states as every row padded to
-    the batch's longest, for every real slot."""
+def test_packed_rows_give_the_states_of_each_history_alone(tmp_path, text_data, monkeypatch):
+    """Histories packed several to a row (rows of 8 tokens here, so some rows hold three histories and the longest
+    history one row of its own): the states of every real slot equal those of each history run alone."""
     _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0]))
     model.eval()
+    monkeypatch.setattr(darec_module, "PACKED_ROW_TOKENS", 8)
     generator = torch.Generator().manual_seed(0)
     seq_len = torch.tensor([1, 7, 2, 2, 5, 1, 3, 7, 4])
     seq = torch.randint(1, model.n_items, (len(seq_len), 7), generator=generator)
     seq[torch.arange(7)[None, :] >= seq_len[:, None]] = 0
+    rows = pack_rows(1 + seq_len, 8, 8)
+    assert rows.segment_ids.shape[0] < len(seq_len)  # histories do share rows
     with torch.no_grad():
-        grouped = model.encode_item_histories(seq, seq_len)
-        monkeypatch.setattr(darec_module, "HISTORY_GROUP_ROWS", 3)
-        small_groups = model.encode_item_histories(seq, seq_len)
-        monkeypatch.setattr(darec_module, "HISTORY_GROUP_ROWS", 1000)
-        one_batch = model.encode_item_histories(seq, seq_len)
-    real = torch.arange(7)[None, :] < seq_len[:, None]
-    torch.testing.assert_close(small_groups[real], one_batch[real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped[real], one_batch[real], rtol=1e-5, atol=1e-5)
+        packed = model.encode_item_histories(seq, seq_len)
+        alone = [model.encode_item_histories(seq[b: b + 1, : seq_len[b]], seq_len[b: b + 1])[0]
+                 for b in range(len(seq_len))]
+    for b, states in enumerate(alone):
+        torch.testing.assert_close(packed[b, : seq_len[b]], states, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter_arch", [None, "s", "p"], ids=["gate", "serial", "parallel"])
+@pytest.mark.parametrize("llm_path", BACKBONES)
+def test_scoring_states_computed_at_the_last_position_only_equal_the_full_pass(tmp_path, text_data, llm_path,
+                                                                                adapter_arch, monkeypatch):
+    """Evaluation runs the top layer's FFN at each history's last position only: the same states there as the full
+    pass, with adapters (and the ID and CF paths) that are not zero, for both backbone families."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(
+        tmp_path, text_data[0], llm_path=llm_path, adapter_arch=adapter_arch, cf_model="BPR", sequence_layers=2,
+        llm_random_config={**TINY_LLM, "num_hidden_layers": 3}))
+    model.eval()
+    with torch.no_grad():
+        for param in [*model.adapters.parameters(), model.id_to_hidden.weight]:
+            param.normal_(std=0.1)
+    monkeypatch.setattr(darec_module, "PACKED_ROW_TOKENS", 8)  # several histories per row
+    seq_len = torch.tensor([1, 7, 2, 2, 5, 1, 3])
+    seq = torch.randint(1, model.n_items, (len(seq_len), 7), generator=torch.Generator().manual_seed(1))
+    seq[torch.arange(7)[None, :] >= seq_len[:, None]] = 0
+    users = torch.arange(1, len(seq_len) + 1)
+    ffn_tokens = []  # tokens the top layer's FFN reads, per call
+    ffn = sublayer_modules(model.backbone.layers[-1])[2]
+    ffn.register_forward_pre_hook(lambda _module, args: ffn_tokens.append(args[0].numel() // args[0].shape[-1]))
+    with torch.no_grad():
+        full = model.encode_item_histories(seq, seq_len, users)[torch.arange(len(seq_len)), seq_len - 1]
+        last = model.encode_item_histories(seq, seq_len, users, last_only=True)
+    torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
+    assert ffn_tokens[1] == len(seq_len) < ffn_tokens[0]  # one token per history, not every token of the rows
+
+
+def test_pack_rows_places_every_token_once_and_unpacks_it_back():
+    token_counts = torch.tensor([3, 1, 5, 2, 2, 4])
+    rows = pack_rows(token_counts, 5, 6)
+    assert rows.segment_ids.shape == (3, 6)  # 17 tokens in rows of 6: first fit, longest first, fills 3 rows
+    history = torch.arange(6 * 5, dtype=torch.float)[None].reshape(6, 5, 1) + 1  # token (b, t) = 5b + t + 1
+    packed = rows.pack(history)
+    real = rows.segment_ids >= 0
+    assert int(real.sum()) == int(token_counts.sum()) and (packed[~real] == 0).all()
+    # Each segment is one history's tokens in order, starting at position 0.
+    for b, count in enumerate(token_counts.tolist()):
+        slots = rows.segment_ids == b
+        assert torch.equal(rows.positions[slots], torch.arange(count))
+        assert torch.equal(packed[slots][:, 0], history[b, :count, 0])
+    unpacked = rows.unpack(packed)
+    valid = torch.arange(5)[None, :] < token_counts[:, None]
+    assert torch.equal(unpacked[valid], history[valid])
 
 
 def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text_data):
@@ -224,28 +272,45 @@ def test_windows_cover_every_training_target_once(tmp_path):
         assert predicted[user] == history[1:], user  # every target after the first item, once, in time order
 
 
-def test_speed_benchmark_measures_the_item_level_step_against_the_same_length_groups(tmp_path, text_data,
-                                                                                    monkeypatch):
+def test_speed_benchmark_measures_the_item_level_step_against_the_same_packed_rows(tmp_path, text_data,
+                                                                                  monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import speed
 
-    plain_inputs = []  # (rows, width) of every call of the plain backbone
+    plain_inputs, darec_inputs = [], []  # (rows, width) of every call of the plain backbone / of DARec's
+
+    def recorder(calls):
+        return lambda _module, _args, inputs: calls.append(tuple(inputs["inputs_embeds"].shape[:2]))
+
     load_backbone = speed.load_backbone
 
     def recording_backbone(*args, **kwargs):
         backbone = load_backbone(*args, **kwargs)
-        backbone.model.register_forward_pre_hook(
-            lambda _module, _args, inputs: plain_inputs.append(tuple(inputs["inputs_embeds"].shape[:2])),
-            with_kwargs=True)
+        backbone.model.register_forward_pre_hook(recorder(plain_inputs), with_kwargs=True)
         return backbone
 
     monkeypatch.setattr(speed, "load_backbone", recording_backbone)
-    result = speed.measure("DARec", text_data[1], item_settings(tmp_path, text_data[0], train_batch_size=40), steps=4)
+    monkeypatch.setattr(darec_module, "PACKED_ROW_TOKENS", 16)
+    build_model = speed.get_model
+
+    def recording_model(name):
+        def make(config, dataset):
+            model = build_model(name)(config, dataset)
+            if name == "DARec":
+                model.llm.register_forward_pre_hook(recorder(darec_inputs), with_kwargs=True)
+            return model
+        return make
+
+    monkeypatch.setattr(speed, "get_model", recording_model)
+    settings = item_settings(tmp_path, text_data[0], train_batch_size=40)
+    result = speed.measure("DARec", text_data[1], settings, steps=4)
     assert result["history_input"] == "items" and result["steps"] == 4 and result["step_ratio"] > 0
-    assert result["eval_ms_per_user"] > 0
-    # One plain step = the batch in groups of HISTORY_GROUP_ROWS rows of similar length, each its own width, as
-    # DARec runs it: not one call over the batch padded to its longest row.
-    one_step = plain_inputs[: -(-result["batch_users"] // darec_module.HISTORY_GROUP_ROWS)]
-    assert len(plain_inputs) == 5 * len(one_step) and len(one_step) > 1  # warm-up + 4 steps
-    assert sum(rows for rows, _ in one_step) == result["batch_users"]
-    assert len({width for _, width in one_step}) > 1, one_step
+    assert result["eval_ms_per_user"] > 0 and result["eval_ms_per_user_sasrec"] > 0
+    test_data = build("DARec", text_data[1], settings)[-1]
+    assert result["eval_users"] == sum(len(batch[0]) for batch in test_data)  # every test user
+    # One plain call per step (warm-up + 4), over the rows DARec's training steps ran: histories packed several to
+    # a row, not one row per history.
+    assert len(plain_inputs) == 5 and len(set(plain_inputs)) == 1
+    rows, width = plain_inputs[0]
+    assert darec_inputs[0] == (rows, width) and rows < result["batch_users"]
+    assert result["batch_tokens"] <= rows * width

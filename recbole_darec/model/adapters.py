@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recbole_darec.model.backbone import sublayer_modules
+
 SERIAL, PARALLEL = 0, 1
 # The one spelling of a layer's choice, indexed by it: adapter_arch, trial logs and log lines all use these.
 ARCH_LETTERS = "sp"
@@ -99,18 +101,6 @@ class DecoderLayerAdapters(nn.Module):
         self.ffn = SublayerAdapter(hidden_size, adapter_size, self.router, dropout)
 
 
-def _sublayer_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
-    """(attention input, attention output, FFN input, FFN output) modules of a decoder layer."""
-    attention = getattr(layer, "self_attn", None)
-    if attention is None:
-        raise TypeError(f"{type(layer).__name__}: no self_attn module, cannot attach adapters")
-    if hasattr(layer, "mlp"):  # Llama, Mistral, Qwen, ...
-        return attention, attention, layer.mlp, layer.mlp
-    if hasattr(layer, "fc1") and hasattr(layer, "fc2"):  # OPT: the FFN is fc1 -> act -> fc2 inline
-        return attention, attention, layer.fc1, layer.fc2
-    raise TypeError(f"{type(layer).__name__}: no mlp or fc1/fc2 modules, cannot attach adapters")
-
-
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
@@ -148,7 +138,7 @@ def attach_adapters(
         else:
             mode, choice = "fixed", arch[index]
         layer_adapters = DecoderLayerAdapters(hidden_size, adapter_size, mode, choice, dropout)
-        attn_in, attn_out, ffn_in, ffn_out = _sublayer_modules(layer)
+        attn_in, attn_out, ffn_in, ffn_out = sublayer_modules(layer)
         handles += _hook_sublayer(attn_in, attn_out, layer_adapters.attention)
         handles += _hook_sublayer(ffn_in, ffn_out, layer_adapters.ffn)
         adapters.append(layer_adapters)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,48 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList):
             return module
     raise TypeError(f"{type(model).__name__}: cannot find its decoder layers (looked for .layers, .decoder.layers)")
+
+
+def sublayer_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """(attention input, attention output, FFN input, FFN output) modules of a decoder layer."""
+    attention = getattr(layer, "self_attn", None)
+    if attention is None:
+        raise TypeError(f"{type(layer).__name__}: no self_attn module, cannot reach its sublayers")
+    if hasattr(layer, "mlp"):  # Llama, Mistral, Qwen, ...
+        return attention, attention, layer.mlp, layer.mlp
+    if hasattr(layer, "fc1") and hasattr(layer, "fc2"):  # OPT: the FFN is fc1 -> act -> fc2 inline
+        return attention, attention, layer.fc1, layer.fc2
+    raise TypeError(f"{type(layer).__name__}: no mlp or fc1/fc2 modules, cannot reach its FFN")
+
+
+@contextmanager
+def ffn_only_at(layer: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Inside the block, ``layer`` runs its FFN only for the tokens at ``positions`` (indices into the flattened
+    (B*T) tokens of its input); every other token gets an FFN output of zero, so its output is wrong.
+
+    Scoring a user needs the top layer's output at one position, but every position's input to that layer (they
+    are its keys and values): its FFN, two thirds of a Llama layer's work, is needed at that one position only.
+    The hooks sit outside any adapter's (first before the FFN, last after it), so adapters see the selected tokens.
+    """
+    _, _, ffn_in, ffn_out = sublayer_modules(layer)
+    input_shape: list[torch.Size] = []
+
+    def select(module, args):
+        tokens = args[0]
+        input_shape.append(tokens.shape)
+        return (tokens.reshape(-1, tokens.shape[-1]).index_select(0, positions), *args[1:])
+
+    def spread(module, args, output):
+        shape = input_shape.pop()
+        full = output.new_zeros(math.prod(shape[:-1]), output.shape[-1])
+        return full.index_copy_(0, positions, output).view(*shape[:-1], output.shape[-1])
+
+    handles = [ffn_in.register_forward_pre_hook(select, prepend=True), ffn_out.register_forward_hook(spread)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def embedded_backbone_folder() -> Path | None:

@@ -24,23 +24,16 @@ from torch import nn
 
 from recbole_darec.data.item_text import cached_item_tokens
 from recbole_darec.model.adapters import attach_adapters, parse_adapter_arch, set_architecture
-from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.backbone import ffn_only_at, load_backbone
 from recbole_darec.model.item_cache import ItemStateCache
 from recbole_darec.model.item_states import cached_item_text_states, drop_lower_layers, pca_whitening
-from recbole_darec.model.layout import PAD_BLOCK, SpecialTokens, pack_items, pack_sequences
+from recbole_darec.model.layout import PAD_BLOCK, SpecialTokens, pack_items, pack_rows, pack_sequences
 from recbole_darec.model.losses import cooccurrence_matrix, hard_negative_loss, info_nce, mine_hard_negatives
 from recbole_darec.model.masks import attention_mask
 
-# Item-level mode: histories are run through the top layers in groups of this many rows of similar length.
-HISTORY_GROUP_ROWS = 16
-
-
-def length_groups(lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """(rows, their longest length) for groups of ``HISTORY_GROUP_ROWS`` rows of similar ``lengths`` (B,).
-
-    Histories are short with a long tail (amazon-scientific: mean 5 items, up to 50): each group is cut to its own
-    longest row instead of every row padded to the batch's longest."""
-    return [(rows, int(lengths[rows].max())) for rows in torch.argsort(lengths).split(HISTORY_GROUP_ROWS)]
+# Item-level mode: histories are packed into rows of at least this many tokens (one token per item). Short rows
+# keep the attention over a row (masked, but computed in full) small against the per-token layers.
+PACKED_ROW_TOKENS = 128
 
 
 @dataclass
@@ -203,19 +196,24 @@ class DARec(SequentialRecommender):
         self.pad_tokens_to = 8 if torch.device(config["device"]).type == "cuda" else 1
 
     # ----- the LLM pass ---------------------------------------------------------------------------------------
-    def forward(self, inputs_embeds: torch.Tensor, block_ids: torch.Tensor,
-                context_masking: bool | None = None) -> torch.Tensor:
-        """The backbone's last hidden states (B, T, H) for ``inputs_embeds`` (B, T, H), masked by ``block_ids``."""
+    def forward(self, inputs_embeds: torch.Tensor, block_ids: torch.Tensor, context_masking: bool | None = None,
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's last hidden states (B, T, H) for ``inputs_embeds`` (B, T, H), masked by ``block_ids``
+        (and ``segment_ids`` (B, T): several sequences in a row); ``position_ids`` (B, T) default 0..T-1."""
         if context_masking is None:
             context_masking = self.context_masking
         length = block_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=block_ids.device).expand_as(block_ids)
         padding = -length % self.pad_tokens_to
         if padding:  # padding tokens (block -1) are seen by no token
             inputs_embeds = F.pad(inputs_embeds, (0, 0, 0, padding))
             block_ids = F.pad(block_ids, (0, padding), value=PAD_BLOCK)
+            position_ids = F.pad(position_ids, (0, padding))
+            if segment_ids is not None:
+                segment_ids = F.pad(segment_ids, (0, padding), value=PAD_BLOCK)
         mask_dtype = torch.bfloat16 if self.llm_bf16 else inputs_embeds.dtype  # SDPA wants the queries' dtype
-        mask = attention_mask(block_ids, context_masking, mask_dtype)  # (B, 1, T, T)
-        position_ids = torch.arange(block_ids.shape[1], device=block_ids.device).expand_as(block_ids)
+        mask = attention_mask(block_ids, context_masking, mask_dtype, segment_ids)  # (B, 1, T, T)
         # The adapters act inside this call: attach_adapters hooked them onto every decoder layer's attention and
         # FFN (LoRA: peft replaced the target projections), so the backbone runs as its own code.
         with torch.autocast(inputs_embeds.device.type, dtype=torch.bfloat16, enabled=self.llm_bf16):
@@ -243,12 +241,14 @@ class DARec(SequentialRecommender):
         return hidden.gather(1, index)  # (B, L, H)
 
     def encode_item_histories(self, seq_items: torch.Tensor, seq_len: torch.Tensor,
-                              user_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Item-level mode: user states after each item, (B, L, H), from the top layers over one vector per item.
+                              user_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Item-level mode: user states after each item, (B, L, H), from the top layers over one vector per item;
+        ``last_only``: the state after each history's last item only, (B, H), at about half the cost.
 
-        Input row: ``[first] ([CF_USER]) item_1 ... item_L``, item k = its cached text state (the lower layers'
+        History: ``[first] ([CF_USER]) item_1 ... item_L``, item k = its cached text state (the lower layers'
         output) plus its ID vector mapped into the LLM (and its CF vector). A fixed first token takes the
-        attention-sink position of a pre-norm decoder, so no item or user vector has to sit there.
+        attention-sink position of a pre-norm decoder, so no item or user vector has to sit there. Several
+        histories share a row of the LLM pass (``pack_rows``), each with its own positions from 0.
         """
         batch, n_slots = seq_items.shape
         slot_valid = torch.arange(n_slots, device=seq_items.device)[None, :] < seq_len[:, None]  # (B, L)
@@ -263,15 +263,19 @@ class DARec(SequentialRecommender):
                 prefix.append(user_vec[:, None])
         inputs = torch.cat([*prefix, self.dropout(items)], dim=1)  # (B, P+L, H)
         n_prefix = len(prefix)
-        # One block per position: the context mask reduces to a causal one; padding slots are block -1.
-        slot_blocks = torch.where(slot_valid, torch.arange(1, n_slots + 1, device=seq_items.device), -1)
-        prefix_blocks = torch.zeros(batch, n_prefix, dtype=torch.long, device=seq_items.device)
-        block_ids = torch.cat([prefix_blocks, slot_blocks], dim=1)  # (B, P+L)
-        hidden = torch.zeros_like(inputs)
-        for rows, longest in length_groups(seq_len):
-            width = n_prefix + longest
-            hidden[rows, :width] = self(inputs[rows, :width], block_ids[rows, :width], context_masking=False)
-        return hidden[:, n_prefix:]  # (B, L, H)
+        rows = pack_rows(n_prefix + seq_len, inputs.shape[1], PACKED_ROW_TOKENS, multiple=self.pad_tokens_to)
+
+        def llm_pass() -> torch.Tensor:  # (R, C, H)
+            # One block per position within its history: the block-causal mask over a segment is a causal one.
+            return self(rows.pack(inputs), rows.positions, context_masking=True, segment_ids=rows.segment_ids,
+                        position_ids=rows.positions.clamp(min=0))
+
+        if not last_only:
+            return rows.unpack(llm_pass())[:, n_prefix:]  # (B, L, H)
+        last_slots = rows.output_index.view(batch, -1)[torch.arange(batch), n_prefix + seq_len - 1]  # (B,)
+        with ffn_only_at(self.backbone.layers[-1], last_slots):
+            hidden = llm_pass()
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_slots)  # (B, H)
 
     def encode_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[ITEM]`` states, ``[ALIGN]`` states) of items encoded alone: (N, H) each."""
@@ -446,9 +450,8 @@ class DARec(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ][:, : int(item_len.max())]  # no slots that every row leaves empty
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
         if self.history_input == "items":
-            states = self.encode_item_histories(item_seq, item_len, users)
-        else:
-            states = self.encode_sequences(item_seq, item_len, users)
+            return self._user_head(self.encode_item_histories(item_seq, item_len, users, last_only=True))
+        states = self.encode_sequences(item_seq, item_len, users)
         return self._user_head(states[torch.arange(len(item_len)), item_len - 1])  # after the history's last item
 
     def _all_item_vectors(self) -> torch.Tensor:
