@@ -8,7 +8,9 @@ Settings compared: ``attention: eager`` (the dense reference: every layer keeps 
 ``attention: sdpa`` (the default) and sdpa with ``gradient_checkpointing``. Each setting runs in its own process
 with glibc's mmap threshold fixed, so freed tensors leave the process and its peak RSS (VmHWM, reset before each
 measured step) is the step's own. Prints a markdown table, the growth per doubling of the tokens and an estimate
-for the paper profile; writes ``--out`` (json).
+for the paper profile's batches of the dataset (64 users, their last 50 items at 33 tokens): histories padded to the
+batch's longest (before commit 2465e35's packing) and packed several to a row; writes ``--out`` (json).
+``--from_json`` writes the report of an earlier measurement again, with the batches counted anew.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ SETTINGS = {
     "sdpa+checkpointing": {"attention": "sdpa", "gradient_checkpointing": True},
 }
 ITEM_TOKENS = 33  # 32 text tokens + [ITEM], as in the paper profile
-PAPER = {"rows": 64, "tokens": 1 + 50 * ITEM_TOKENS, "layers": 30}
+PAPER = {"rows": 64, "items": 50, "layers": 30}
 
 
 def _rss_mb(key: str) -> float:
@@ -79,6 +81,40 @@ def measure_child(args) -> list[dict]:
     return rows
 
 
+def paper_batch_tokens(dataset: str, data_path: str, cache_dir: str, batches: int = 200) -> dict:
+    """LLM tokens of the paper profile's training batches on ``dataset`` (``PAPER`` users, their last ``PAPER['items']``
+    items at ``ITEM_TOKENS`` tokens): padded (rows x the batch's longest history) and packed (the histories' own
+    tokens), the mean and the largest over ``batches`` shuffled batches."""
+    import torch
+
+    from recbole_darec.config import Config
+    from recbole_darec.data import load_data
+    from recbole_darec.data.item_text import cached_item_tokens
+    from recbole_darec.model.backbone import load_backbone
+
+    config = Config(model="DARec", dataset=dataset, config_dict={
+        "data_path": data_path, "history_input": "tokens", "MAX_ITEM_LIST_LENGTH": PAPER["items"], "state": "WARNING",
+        "train_batch_size": PAPER["rows"], "show_progress": False, "item_max_tokens": ITEM_TOKENS - 1})
+    _, train_data, _, _ = load_data(config)
+    tokenizer = load_backbone(config["llm_path"], 1).tokenizer
+    _, token_len = cached_item_tokens(train_data._dataset.item_sentences, tokenizer, ITEM_TOKENS - 1, tokenizer.name,
+                                      cache_dir)
+    padded, packed = [], []
+    generator = torch.Generator().manual_seed(0)
+    sequences, lengths = train_data._dataset.training_sequences()
+    for _ in range(batches):
+        rows = torch.randperm(len(lengths), generator=generator)[: PAPER["rows"]]
+        seq, seq_len = sequences[rows], lengths[rows].clamp(max=PAPER["items"] + 1)  # history + its target
+        # The last items of each sequence: its slots seq_len-n .. seq_len-1.
+        slot = torch.arange(seq.shape[1])[None, :]
+        last = (slot < lengths[rows, None]) & (slot >= (lengths[rows] - seq_len)[:, None])
+        tokens = 1 + torch.where(last, token_len[seq] + 1, 0).sum(1)  # [CF_USER], then text + [ITEM] per item
+        padded.append(len(rows) * int(tokens.max()))
+        packed.append(int(tokens.sum()))
+    return {"batches": batches, "padded_mean": sum(padded) / batches, "padded_max": max(padded),
+            "packed_mean": sum(packed) / batches, "packed_max": max(packed)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="amazon-scientific")
@@ -91,11 +127,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory-cpu.json"))
     parser.add_argument("--cache_dir", default=str(ROOT / "saved" / "item_text_cache"))
+    parser.add_argument("--from_json", help="report the rows of this earlier --out file again; measure nothing")
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # a child process: one setting, one depth
     args = parser.parse_args()
     args.data_path = args.data_path or default_data_path(args.dataset)
     if args.setting:
         print("ROWS " + json.dumps(measure_child(args)))
+        return
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        batch = paper_batch_tokens(args.dataset, args.data_path, args.cache_dir)
+        print(report(earlier["rows"], sorted({row["layers"] for row in earlier["rows"]}), batch))
         return
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536",
@@ -114,11 +156,13 @@ def main() -> None:
             rows += json.loads(next(line[5:] for line in output.splitlines() if line.startswith("ROWS ")))
             print(f"done: {setting}, {layers} layers", file=sys.stderr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
-    print(report(rows, args.layers))
+    batch = paper_batch_tokens(args.dataset, args.data_path, args.cache_dir)
+    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "paper_batch_tokens": batch},
+                                         indent=1) + "\n")
+    print(report(rows, args.layers, batch))
 
 
-def report(rows: list[dict], depths: list[int]) -> str:
+def report(rows: list[dict], depths: list[int], batch: dict) -> str:
     shallow = depths[0]
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     tokens = sorted({row["tokens"] for row in rows})
@@ -135,18 +179,22 @@ def report(rows: list[dict], depths: list[int]) -> str:
                      f"{seconds[(setting, shallow, tokens[-1])]:.1f} |")
     if len(depths) > 1:
         deep = depths[-1]
-        lines += ["", f"Paper profile estimate ({PAPER['rows']} rows x {PAPER['tokens']:,} tokens, "
-                  f"{PAPER['layers']} layers), linear in rows and tokens from the {tokens[-1]}-token step, the cost "
-                  f"per layer from {shallow} vs {deep} layers:"]
+        lines += ["", f"Paper profile estimate ({PAPER['rows']} users, their last {PAPER['items']} items at "
+                  f"{ITEM_TOKENS} tokens, {PAPER['layers']} layers), linear in tokens from the {tokens[-1]}-token "
+                  f"step, the cost per layer from {shallow} vs {deep} layers; tokens of the largest of "
+                  f"{batch['batches']} shuffled training batches: padded to the batch's longest history "
+                  f"{batch['padded_max']:,}, packed {batch['packed_max']:,} (means {batch['padded_mean']:,.0f} and "
+                  f"{batch['packed_mean']:,.0f}):"]
         for setting in settings:
             base, more = peak[(setting, shallow, tokens[-1])], peak[(setting, deep, tokens[-1])]
             per_layer = (more - base) / (deep - shallow)
-            scale = PAPER["rows"] / n_rows * PAPER["tokens"] / tokens[-1]
-            if setting == "eager":  # the probabilities grow with tokens^2
-                scale = PAPER["rows"] / n_rows * (PAPER["tokens"] / tokens[-1]) ** 2
-            estimate = (base + per_layer * (PAPER["layers"] - shallow)) * scale / 1024
-            lines.append(f"- {setting}: {per_layer:,.0f} MB per layer at {tokens[-1]} tokens -> about "
-                         f"{estimate:,.0f} GB")
+            per_token = (base + per_layer * (PAPER["layers"] - shallow)) / (n_rows * tokens[-1])  # MB
+            padded, packed = (per_token * batch[key] / 1024 for key in ("padded_max", "packed_max"))
+            note = ""
+            if setting == "eager":  # its probabilities grow with the square of the row
+                note = " (the probabilities grow with the square of the row: more than this)"
+            lines.append(f"- {setting}: {per_layer:,.0f} MB per layer at {tokens[-1]} tokens -> about {padded:,.0f} "
+                         f"GB padded, {packed:,.0f} GB packed{note}")
     return "\n".join(lines)
 
 

@@ -105,22 +105,19 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
             hidden.sum().backward()
 
     if model.history_input == "items":
-        # The same work without DARec: the top layers over the batch's item states, one vector per item, packed
-        # into the rows DARec runs (histories several to a row, each seeing only itself).
+        # The same work without DARec: the top layers over the batch's item states, one vector per item.
         drop_lower_layers(plain, model.n_item_layers)
         full_seq = full_seq[:, : int(item_len.max()) + 1]
         first = model.first_token_state.expand(len(item_len), 1, -1)
-        rows = pack_rows(2 + item_len, full_seq.shape[1] + 1, darec_module.PACKED_ROW_TOKENS)
-        embeds = rows.pack(torch.cat([first, model.item_text_states[full_seq]], dim=1)).detach()
-        mask = attention_mask(rows.positions, True, embeds.dtype, rows.segment_ids)
-        positions = rows.positions.clamp(min=0)
-        padding_mask = rows.segment_ids >= 0  # the real tokens, for the count below
-        plain_steps = {"plain": lambda: plain_pass(embeds, mask, positions)}
+        embeds, token_counts = torch.cat([first, model.item_text_states[full_seq]], dim=1), 2 + item_len
     else:
         packed = pack_sequences(full_seq, item_len + 1, model.item_token_ids, model.item_token_len, model.special)
-        embeds = model._embed(packed.input_ids).detach()
-        padding_mask = (packed.block_ids >= 0).long()
-        plain_steps = {"plain": lambda: plain_pass(embeds, padding_mask)}
+        embeds, token_counts = model._embed(packed.input_ids), (packed.block_ids >= 0).sum(1)
+    # Histories packed into the rows DARec runs (several to a row, each seeing only itself), causal within each.
+    rows = pack_rows(token_counts, embeds.shape[1], darec_module.PACKED_ROW_TOKENS, multiple=model.pad_tokens_to)
+    history_inputs = (rows.pack(embeds).detach(), attention_mask(rows.positions, True, embeds.dtype, rows.segment_ids),
+                      rows.positions.clamp(min=0))
+    plain_steps = {"plain": lambda: plain_pass(*history_inputs)}
     if model.history_input == "tokens":
         # Every token a token-level step runs through the LLM: the histories, the batch's target items alone (with
         # gradient) and the slice of the item-cache refresh (without).
@@ -134,7 +131,7 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
             item_inputs.append((model._embed(packed_items.input_ids).detach(), (packed_items.block_ids >= 0).long()))
 
         def plain_every_token():
-            plain_pass(embeds, padding_mask)
+            plain_pass(*history_inputs)
             plain_pass(*item_inputs[0])
             plain_pass(*item_inputs[1], backward=False)
 
@@ -158,7 +155,7 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
     return {
         "history_input": model.history_input,
         "batch_users": len(item_len),
-        "batch_tokens": int(padding_mask.sum()),
+        "batch_tokens": int(token_counts.sum()),
         **timing,
         "item_cache_refresh_s": refresh_seconds,
         "tokens_per_epoch_all_position": all_position,

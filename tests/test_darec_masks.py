@@ -78,6 +78,29 @@ def test_no_future_leakage(tmp_path, text_data, llm_path, context_masking, cf_mo
 
 @pytest.mark.parametrize("context_masking", [True, False], ids=["context", "causal"])
 @pytest.mark.parametrize("llm_path", BACKBONES)
+def test_histories_packed_in_one_row_give_the_states_of_each_history_alone(tmp_path, text_data, llm_path,
+                                                                           context_masking):
+    _, model, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_path=llm_path,
+                                                             context_masking=context_masking, cf_model="BPR"))
+    model.eval()
+    distinct_texts(model)
+    seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0], [11, 0, 0, 0, 0], [8, 2, 0, 0, 0]])
+    seq_len = torch.tensor([5, 3, 1, 2])
+    users = torch.tensor([1, 2, 3, 4])
+    calls = []  # (rows, tokens) of every LLM pass
+    model.llm.register_forward_pre_hook(
+        lambda _module, _args, inputs: calls.append(tuple(inputs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    with torch.no_grad():
+        together = model.encode_sequences(seq, seq_len, users)
+        alone = [model.encode_sequences(seq[b: b + 1, : seq_len[b]], seq_len[b: b + 1], users[b: b + 1])[0]
+                 for b in range(len(seq_len))]
+    assert calls[0][0] == 1  # the four histories shared one row
+    for b, states in enumerate(alone):
+        torch.testing.assert_close(together[b, : seq_len[b]], states, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("context_masking", [True, False], ids=["context", "causal"])
+@pytest.mark.parametrize("llm_path", BACKBONES)
 def test_context_mask_reaches_the_backbone(tmp_path, text_data, llm_path, context_masking):
     # The layout tests check the mask tensor; this checks that the backbone obeys it (a backbone that
     # replaced a 4-D mask by its own causal one would pass the leakage test but lose the item-bidirectional part).

@@ -31,8 +31,8 @@ from recbole_darec.model.layout import PAD_BLOCK, SpecialTokens, pack_items, pac
 from recbole_darec.model.losses import cooccurrence_matrix, hard_negative_loss, info_nce, mine_hard_negatives
 from recbole_darec.model.masks import attention_mask
 
-# Item-level mode: histories are packed into rows of at least this many tokens (one token per item). Short rows
-# keep the attention over a row (masked, but computed in full) small against the per-token layers.
+# Histories are packed into rows of at least this many tokens (item level: one token per item). Short rows keep the
+# attention over a row (masked, but computed in full) small against the per-token layers.
 PACKED_ROW_TOKENS = 128
 
 
@@ -236,7 +236,12 @@ class DARec(SequentialRecommender):
         if self.cf_injection is not None:
             inputs_embeds = self.cf_injection.inject(inputs_embeds, user_ids, seq_items, packed.boundary_positions,
                                                      packed.slot_valid)
-        hidden = self(inputs_embeds, packed.block_ids)
+        # Real tokens lead every row of the layout (padding follows), so a row's token count is its length.
+        rows = pack_rows((packed.block_ids != PAD_BLOCK).sum(1), packed.block_ids.shape[1], PACKED_ROW_TOKENS,
+                         multiple=self.pad_tokens_to)
+        hidden = self(rows.pack(inputs_embeds), rows.pack(packed.block_ids, fill=PAD_BLOCK),
+                      segment_ids=rows.segment_ids, position_ids=rows.positions.clamp(min=0))  # (R, C, H)
+        hidden = rows.unpack(hidden)  # (B, T, H)
         index = packed.boundary_positions[..., None].expand(-1, -1, hidden.shape[-1])
         return hidden.gather(1, index)  # (B, L, H)
 

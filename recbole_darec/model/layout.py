@@ -5,8 +5,8 @@ user state after k items. A single item (the candidates of the ranking) is ``ite
 Every token carries a block id: ``[CF_USER]`` is block 0, item k (with its ``[ITEM]``) is block k, padding is -1.
 The attention mask is derived from block ids alone (see masks.py).
 
-Item level, the histories (one vector per item) are packed several to a row (``pack_rows``): no padding between them,
-and a segment id per token keeps each history to itself.
+For the LLM pass, histories (token level: their tokens; item level: one vector per item) are packed several to a row
+(``pack_rows``): no padding between them, and a segment id per token keeps each history to itself.
 """
 
 from __future__ import annotations
@@ -109,11 +109,11 @@ class PackedRows:
     positions: torch.Tensor  # (R, C) the slot's position in its history, -1 = padding
     history_shape: tuple[int, int]  # (B, W)
 
-    def pack(self, history_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, W, H) one history per row -> (R, C, H) packed; padding slots hold zeros."""
-        hidden = history_tokens.shape[-1]
-        flat = torch.cat([history_tokens.reshape(-1, hidden), history_tokens.new_zeros(1, hidden)])
-        return flat.index_select(0, self.source_index).view(*self.segment_ids.shape, hidden)
+    def pack(self, history_tokens: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """(B, W, ...) one history per row -> (R, C, ...) packed; padding slots hold ``fill``."""
+        rest = history_tokens.shape[2:]
+        flat = torch.cat([history_tokens.reshape(-1, *rest), history_tokens.new_full((1, *rest), fill)])
+        return flat.index_select(0, self.source_index).view(*self.segment_ids.shape, *rest)
 
     def unpack(self, packed_tokens: torch.Tensor) -> torch.Tensor:
         """(R, C, H) packed -> (B, W, H) one history per row; tokens past a history's length hold garbage."""
@@ -125,8 +125,9 @@ def pack_rows(token_counts: torch.Tensor, width: int, row_tokens: int, multiple:
     """Pack histories of ``token_counts`` (B,) tokens (laid out in rows of ``width``) into rows of
     ``max(row_tokens, longest)`` tokens, rounded up to a ``multiple``: first fit, longest first.
 
-    Item-level histories are short with a long tail (amazon-scientific: 5 items on average, up to 50); one padded
-    row per history spent a quarter of an evaluation batch's tokens on padding, even in groups of similar length.
+    Histories are short with a long tail (amazon-scientific: 5 items on average, up to 50): one row per history,
+    padded to the longest, spends most of a batch's tokens on padding at token level, and at item level a quarter of
+    them even in groups of similar length.
     """
     counts = token_counts.tolist()
     capacity = -(-max(row_tokens, max(counts)) // multiple) * multiple
