@@ -80,7 +80,7 @@ def tokens_per_epoch(sequences: torch.Tensor, lengths: torch.Tensor, item_token_
 
 def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -> dict:
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
-    _, train_data, valid_data, test_data = load_data(config)
+    _, train_data, _, test_data = load_data(config)
     model = get_model(model_name)(config, train_data._dataset).to(config["device"])
     model.train()
     batch = next(iter(train_data)).to(config["device"])

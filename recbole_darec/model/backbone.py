@@ -92,7 +92,7 @@ def ffn_only_at(layer: nn.Module, positions: torch.Tensor) -> Iterator[None]:
     (B*T) tokens of its input); every other token gets an FFN output of zero, so its output is wrong.
 
     Scoring a user needs the top layer's output at one position, but every position's input to that layer (they
-    are its keys and values): its FFN, two thirds of a Llama layer's work, is needed at that one position only.
+    are its keys and values): its FFN, most of a layer's work (three quarters in SmolLM2), is needed there only.
     The hooks sit outside any adapter's (first before the FFN, last after it), so adapters see the selected tokens.
     """
     _, _, ffn_in, ffn_out = sublayer_modules(layer)
