@@ -104,10 +104,10 @@ def paper_batch_tokens(dataset: str, data_path: str, cache_dir: str, batches: in
     sequences, lengths = train_data._dataset.training_sequences()
     for _ in range(batches):
         rows = torch.randperm(len(lengths), generator=generator)[: PAPER["rows"]]
-        seq, seq_len = sequences[rows], lengths[rows].clamp(max=PAPER["items"] + 1)  # history + its target
-        # The last items of each sequence: its slots seq_len-n .. seq_len-1.
+        seq, length = sequences[rows], lengths[rows]
+        kept = length.clamp(max=PAPER["items"] + 1)  # the last items of the history, and its target
         slot = torch.arange(seq.shape[1])[None, :]
-        last = (slot < lengths[rows, None]) & (slot >= (lengths[rows] - seq_len)[:, None])
+        last = (slot < length[:, None]) & (slot >= (length - kept)[:, None])  # slots length-kept .. length-1
         tokens = 1 + torch.where(last, token_len[seq] + 1, 0).sum(1)  # [CF_USER], then text + [ITEM] per item
         padded.append(len(rows) * int(tokens.max()))
         packed.append(int(tokens.sum()))
