@@ -316,10 +316,11 @@ def main() -> None:
                        "tokens; every token: also the target items and the cache-refresh slice that a token-level "
                        "step encodes alone; medians of 20 interleaved steps, quartiles in brackets; eval: "
                        "full_sort_predict over every test user, DARec and SASRec on the same batches in turns, "
-                       "median of 3 passes)\n\n")
+                       "median of 3 passes; bf16: DARec's LLM passes in bf16 autocast, llm_bf16)\n\n")
         speed_text += ("| model | batch users | batch tokens | DARec step s | plain step s | ratio | ratio, every "
                        "token | item refresh s | tokens/epoch all-position | tokens/epoch per-prefix | eval ms/user | "
-                       "SASRec eval ms/user, same batches | eval ratio |\n" + "|---" * 13 + "|\n")
+                       "SASRec eval ms/user, same batches | eval ratio | SASRec eval ms/user in bf16 | bf16 |\n"
+                       + "|---" * 15 + "|\n")
 
         def spread(s: dict, key: str) -> str:
             if key not in s:
@@ -333,7 +334,8 @@ def main() -> None:
                            f"{spread(s, 'step_ratio_plain_all')} | {s['item_cache_refresh_s']:.1f} | "
                            f"{s['tokens_per_epoch_all_position']:,} | {s['tokens_per_epoch_per_prefix']:,} | "
                            f"{s['eval_ms_per_user']:.2f} | {s.get('eval_ms_per_user_sasrec', float('nan')):.2f} | "
-                           f"{s.get('eval_ratio_to_sasrec', float('nan')):.2f} |\n")
+                           f"{s.get('eval_ratio_to_sasrec', float('nan')):.2f} | "
+                           f"{s.get('eval_ms_per_user_sasrec_bf16', float('nan')):.2f} | {s.get('eval_bf16', '-')} |\n")
     if args.speed_only:
         (out_dir / "speed.md").write_text(header + speed_text)
         print(header + speed_text)

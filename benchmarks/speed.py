@@ -98,7 +98,8 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
     def plain_pass(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                    backward: bool = True) -> None:
         inputs = inputs_embeds.clone().requires_grad_(backward)  # backward through every layer, as adapters need
-        with torch.set_grad_enabled(backward):
+        with torch.set_grad_enabled(backward), torch.autocast(inputs.device.type, torch.bfloat16,
+                                                              enabled=model.llm_bf16):  # DARec's precision
             hidden = plain(inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False).last_hidden_state
         if backward:
@@ -166,22 +167,28 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
 
 
 def evaluation_ms_per_user(model, dataset, test_data, config_dict: dict, passes: int = 3) -> dict:
-    """ms per user of ``full_sort_predict`` over every test user: ``model`` and SASRec on the same batches, in turns
-    (a DARec batch, the same SASRec batch, ...), the median over ``passes`` passes of each."""
+    """ms per user of ``full_sort_predict`` over every test user: ``model``, SASRec and SASRec in bf16 autocast on the
+    same batches, in turns (a DARec batch, the same SASRec batch, ...), the median over ``passes`` passes of each."""
     config = Config(model="SASRec", dataset=dataset.dataset_name, config_dict=config_dict)
     sasrec = get_model("SASRec")(config, dataset).to(config["device"]).eval()
     batches = [batch[0].to(config["device"]) for batch in test_data]
     users = sum(len(batch) for batch in batches)
-    model.full_sort_predict(batches[0])  # warm-up; the item vectors are built once per evaluation, timed apart
-    sasrec.full_sort_predict(batches[0])
-    seconds = {"darec": [], "sasrec": []}
+    def sasrec_bf16(batch):  # SASRec in the same autocast, for a like-for-like figure when DARec runs bf16
+        with torch.autocast(batch[model.ITEM_SEQ].device.type, torch.bfloat16):
+            return sasrec.full_sort_predict(batch)
+
+    runs = {"darec": model.full_sort_predict, "sasrec": sasrec.full_sort_predict, "sasrec_bf16": sasrec_bf16}
+    for run in runs.values():
+        run(batches[0])  # warm-up; DARec's item vectors are built once per evaluation, timed apart
+    seconds = {name: [] for name in runs}
     for _ in range(passes):
-        totals = {"darec": 0.0, "sasrec": 0.0}
+        totals = dict.fromkeys(runs, 0.0)
         for batch in batches:
-            totals["darec"] += _seconds(lambda b=batch: model.full_sort_predict(b))
-            totals["sasrec"] += _seconds(lambda b=batch: sasrec.full_sort_predict(b))
+            for name, run in runs.items():
+                totals[name] += _seconds(lambda b=batch, r=run: r(b))
         for name, total in totals.items():
             seconds[name].append(total)
-    darec_ms, sasrec_ms = (1000 * statistics.median(seconds[name]) / users for name in ("darec", "sasrec"))
-    return {"eval_users": users, "eval_ms_per_user": darec_ms, "eval_ms_per_user_sasrec": sasrec_ms,
-            "eval_ratio_to_sasrec": darec_ms / sasrec_ms}
+    ms = {name: 1000 * statistics.median(seconds[name]) / users for name in runs}
+    return {"eval_users": users, "eval_ms_per_user": ms["darec"], "eval_ms_per_user_sasrec": ms["sasrec"],
+            "eval_ratio_to_sasrec": ms["darec"] / ms["sasrec"], "eval_ms_per_user_sasrec_bf16": ms["sasrec_bf16"],
+            "eval_bf16": model.llm_bf16}

@@ -56,6 +56,8 @@ def darec_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
         "adapter_size": 8,
         "hard_negatives": 3,
         "item_encode_batch_size": 64,
+        # float32, whatever the machine: the tests compare states to 1e-6 (bf16 tests set it themselves).
+        "llm_bf16": False,
     }
     settings.update(overrides)
     return settings

@@ -12,6 +12,8 @@ import pytest
 import torch
 from darec_testing import BACKBONES, DAREC_TEST_FIXTURES, build, first_batch, settings_for
 
+from recbole_darec.model import darec as darec_module
+
 pytestmark = DAREC_TEST_FIXTURES
 
 SEQ = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0]])
@@ -86,3 +88,16 @@ def test_bf16_autocast_keeps_the_states(tmp_path, text_data):
     assert states[True].dtype == torch.float32  # the heads after the LLM stay in float32
     assert not torch.equal(states[True], states[False])  # autocast did act
     torch.testing.assert_close(states[True], states[False], rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_auto_follows_what_the_device_computes_natively(tmp_path, text_data, monkeypatch, native):
+    monkeypatch.setattr(darec_module, "computes_bf16_natively", lambda device: native)
+    _, model, _, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="auto"))
+    assert model.llm_bf16 is native
+
+
+def test_unknown_bf16_setting_is_refused(tmp_path, text_data):
+    with pytest.raises(ValueError, match="llm_bf16='fast'.*auto"):
+        build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="fast"))
+

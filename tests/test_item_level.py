@@ -65,12 +65,33 @@ def test_packed_rows_give_the_states_of_each_history_alone(tmp_path, text_data, 
         torch.testing.assert_close(packed[b, : seq_len[b]], states, rtol=1e-5, atol=1e-5)
 
 
+def test_only_the_items_a_history_holds_are_read(tmp_path, text_data):
+    """Slots past a history's length change no state, and the ID map reads one row per held item (padding is most
+    of a real batch's slots)."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], cf_model="BPR"))
+    model.eval()
+    seq_len = torch.tensor([5, 3, 1])
+    seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0], [8, 0, 0, 0, 0]])
+    users = torch.tensor([1, 2, 3])
+    id_rows = []
+    model.id_to_hidden.register_forward_pre_hook(lambda _module, args: id_rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        base = model.encode_item_histories(seq, seq_len, users)
+        garbage = seq.clone()
+        garbage[torch.arange(5)[None, :] >= seq_len[:, None]] = 11
+        changed = model.encode_item_histories(garbage, seq_len, users)
+    for b, length in enumerate(seq_len.tolist()):
+        torch.testing.assert_close(changed[b, :length], base[b, :length], rtol=0, atol=1e-6)
+    assert id_rows == [int(seq_len.sum())] * 2
+
+
 @pytest.mark.parametrize("adapter_arch", [None, "s", "p"], ids=["gate", "serial", "parallel"])
 @pytest.mark.parametrize("llm_path", BACKBONES)
 def test_scoring_states_computed_at_the_last_position_only_equal_the_full_pass(tmp_path, text_data, llm_path,
                                                                                 adapter_arch, monkeypatch):
-    """Evaluation runs the top layer's FFN at each history's last position only: the same states there as the full
-    pass, with adapters (and the ID and CF paths) that are not zero, for both backbone families."""
+    """Evaluation runs the top layer's query and output projections and its FFN at each history's last position
+    only: the same states there as the full pass, with adapters (and the ID and CF paths) that are not zero, for
+    both backbone families."""
     _, model, _, _, _ = build("DARec", text_data[1], item_settings(
         tmp_path, text_data[0], llm_path=llm_path, adapter_arch=adapter_arch, cf_model="BPR", sequence_layers=2,
         llm_random_config={**TINY_LLM, "num_hidden_layers": 3}))
@@ -83,14 +104,19 @@ def test_scoring_states_computed_at_the_last_position_only_equal_the_full_pass(t
     seq = torch.randint(1, model.n_items, (len(seq_len), 7), generator=torch.Generator().manual_seed(1))
     seq[torch.arange(7)[None, :] >= seq_len[:, None]] = 0
     users = torch.arange(1, len(seq_len) + 1)
-    ffn_tokens = []  # tokens the top layer's FFN reads, per call
-    ffn = sublayer_modules(model.backbone.layers[-1])[2]
-    ffn.register_forward_pre_hook(lambda _module, args: ffn_tokens.append(args[0].numel() // args[0].shape[-1]))
+    top = model.backbone.layers[-1]
+    tokens_read = {"ffn": [], "query": [], "keys": []}  # tokens each module of the top layer reads, per call
+    for name, module in (("ffn", sublayer_modules(top)[2]), ("query", top.self_attn.q_proj),
+                         ("keys", top.self_attn.k_proj)):
+        module.register_forward_pre_hook(
+            lambda _module, args, name=name: tokens_read[name].append(args[0].numel() // args[0].shape[-1]))
     with torch.no_grad():
         full = model.encode_item_histories(seq, seq_len, users)[torch.arange(len(seq_len)), seq_len - 1]
         last = model.encode_item_histories(seq, seq_len, users, last_only=True)
     torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
-    assert ffn_tokens[1] == len(seq_len) < ffn_tokens[0]  # one token per history, not every token of the rows
+    for name in ("ffn", "query"):  # one token per history, not every token of the rows
+        assert tokens_read[name][1] == len(seq_len) < tokens_read[name][0], name
+    assert tokens_read["keys"][1] == tokens_read["keys"][0]  # every position still gives its key
 
 
 def test_pack_rows_places_every_token_once_and_unpacks_it_back():

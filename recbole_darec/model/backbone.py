@@ -86,34 +86,56 @@ def sublayer_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module,
     raise TypeError(f"{type(layer).__name__}: no mlp or fc1/fc2 modules, cannot reach its FFN")
 
 
-@contextmanager
-def ffn_only_at(layer: nn.Module, positions: torch.Tensor) -> Iterator[None]:
-    """Inside the block, ``layer`` runs its FFN only for the tokens at ``positions`` (indices into the flattened
-    (B*T) tokens of its input); every other token gets an FFN output of zero, so its output is wrong.
+def _query_and_output_projections(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    attention = layer.self_attn
+    for query, output in (("q_proj", "o_proj"), ("q_proj", "out_proj")):  # Llama family, OPT
+        if hasattr(attention, query) and hasattr(attention, output):
+            return getattr(attention, query), getattr(attention, output)
+    raise TypeError(f"{type(attention).__name__}: no q_proj with o_proj or out_proj, cannot reach its projections")
 
-    Scoring a user needs the top layer's output at one position, but every position's input to that layer (they
-    are its keys and values): its FFN, most of a layer's work (three quarters in SmolLM2), is needed there only.
-    The hooks sit outside any adapter's (first before the FFN, last after it), so adapters see the selected tokens.
+
+@contextmanager
+def outputs_only_at(layer: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Inside the block, ``layer`` computes its output only for the tokens at ``positions`` (indices into the
+    flattened (B*T) tokens of its input); every other token's output is wrong.
+
+    Scoring a user needs the top layer's output at one position; every other position only gives that layer its
+    keys and values. So the query projection, the attention's output projection and the FFN (three quarters of a
+    SmolLM2 layer's work) run on the selected tokens, and the other tokens get zeros there. The FFN's hooks sit
+    outside any adapter's (first before it, last after it), so adapters see the selected tokens.
     """
     _, _, ffn_in, ffn_out = sublayer_modules(layer)
-    input_shape: list[torch.Size] = []
+    query, output = _query_and_output_projections(layer)
+    input_shapes: list[torch.Size] = []
 
     def select(module, args):
         tokens = args[0]
-        input_shape.append(tokens.shape)
+        input_shapes.append(tokens.shape)
         return (tokens.reshape(-1, tokens.shape[-1]).index_select(0, positions), *args[1:])
 
-    def spread(module, args, output):
-        shape = input_shape.pop()
-        full = output.new_zeros(math.prod(shape[:-1]), output.shape[-1])
-        return full.index_copy_(0, positions, output).view(*shape[:-1], output.shape[-1])
+    def spread(module, args, result):
+        shape = input_shapes.pop()
+        full = result.new_zeros(math.prod(shape[:-1]), result.shape[-1])
+        return full.index_copy_(0, positions, result).view(*shape[:-1], result.shape[-1])
 
-    handles = [ffn_in.register_forward_pre_hook(select, prepend=True), ffn_out.register_forward_hook(spread)]
+    handles = []
+    for first, last in ((query, query), (output, output), (ffn_in, ffn_out)):
+        handles += [first.register_forward_pre_hook(select, prepend=True), last.register_forward_hook(spread)]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def computes_bf16_natively(device: torch.device) -> bool:
+    """True where bf16 matrix products run in hardware: a CUDA GPU that supports them, or a CPU whose oneDNN
+    has bf16 kernels (avx512_bf16 or AMX). Elsewhere autocast emulates bf16, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def embedded_backbone_folder() -> Path | None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from recbole_darec.data.item_text import cached_item_tokens
 from recbole_darec.model.adapters import attach_adapters, parse_adapter_arch, set_architecture
-from recbole_darec.model.backbone import ffn_only_at, load_backbone
+from recbole_darec.model.backbone import computes_bf16_natively, load_backbone, outputs_only_at
 from recbole_darec.model.item_cache import ItemStateCache
 from recbole_darec.model.item_states import cached_item_text_states, drop_lower_layers, pca_whitening
 from recbole_darec.model.layout import PAD_BLOCK, SpecialTokens, pack_items, pack_rows, pack_sequences
@@ -190,10 +190,15 @@ class DARec(SequentialRecommender):
         if config["gradient_checkpointing"]:
             # Non-reentrant: the adapters' hooks and dropout run again, with the same RNG state, in the recompute.
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.llm_bf16 = bool(config["llm_bf16"])
+        device = torch.device(config["device"])
+        bf16 = config["llm_bf16"]
+        if bf16 not in ("auto", True, False):
+            raise ValueError(f"llm_bf16={bf16!r}: expected auto (bf16 autocast where the device computes bf16 "
+                             "natively), True or False")
+        self.llm_bf16 = computes_bf16_natively(device) if bf16 == "auto" else bf16
         # CUDA's memory-efficient SDPA kernel copies a mask whose last dimension is not a multiple of 8, in every
         # layer, and keeps each copy for backward; padding the tokens to a multiple of 8 saves those copies.
-        self.pad_tokens_to = 8 if torch.device(config["device"]).type == "cuda" else 1
+        self.pad_tokens_to = 8 if device.type == "cuda" else 1
 
     # ----- the LLM pass ---------------------------------------------------------------------------------------
     def forward(self, inputs_embeds: torch.Tensor, block_ids: torch.Tensor, context_masking: bool | None = None,
@@ -257,28 +262,34 @@ class DARec(SequentialRecommender):
         """
         batch, n_slots = seq_items.shape
         slot_valid = torch.arange(n_slots, device=seq_items.device)[None, :] < seq_len[:, None]  # (B, L)
-        items = self.item_text_states[seq_items]  # (B, L, H)
+        # Only the items a history holds (V of them, history after history): padding slots are most of a batch
+        # (histories of 5 items on average, up to 50), and the ID map over them cost a tenth of an evaluation.
+        item_ids = seq_items[slot_valid]  # (V,)
+        items = self.item_text_states[item_ids]  # (V, H)
         if self.use_item_id:
-            items = items + self.id_to_hidden(self.known_item_ids(seq_items))
-        prefix = [self.first_token_state.expand(batch, 1, -1)]
+            items = items + self.id_to_hidden(self.known_item_ids(item_ids))
+        prefix = [self.first_token_state.expand(batch, -1)]
         if self.cf_injection is not None:
             user_vec, item_add = self.cf_injection.vectors(user_ids, seq_items, slot_valid)
-            items = items + item_add
+            items = items + item_add[slot_valid]
             if user_vec is not None:
-                prefix.append(user_vec[:, None])
-        inputs = torch.cat([*prefix, self.dropout(items)], dim=1)  # (B, P+L, H)
+                prefix.append(user_vec)
         n_prefix = len(prefix)
-        rows = pack_rows(n_prefix + seq_len, inputs.shape[1], PACKED_ROW_TOKENS, multiple=self.pad_tokens_to)
+        rows = pack_rows(n_prefix + seq_len, n_prefix + n_slots, PACKED_ROW_TOKENS, multiple=self.pad_tokens_to)
+        position = torch.arange(batch * (n_prefix + n_slots), device=seq_items.device).view(batch, -1)  # (B, P+L)
+        tokens = torch.cat([torch.stack(prefix, 1).flatten(0, 1), self.dropout(items)])  # (B*P + V, H)
+        at = torch.cat([position[:, :n_prefix].flatten(), position[:, n_prefix:][slot_valid]])  # their flat positions
+        inputs = rows.pack_tokens(tokens, at)  # (R, C, H)
 
         def llm_pass() -> torch.Tensor:  # (R, C, H)
             # One block per position within its history: the block-causal mask over a segment is a causal one.
-            return self(rows.pack(inputs), rows.positions, context_masking=True, segment_ids=rows.segment_ids,
+            return self(inputs, rows.positions, context_masking=True, segment_ids=rows.segment_ids,
                         position_ids=rows.positions.clamp(min=0))
 
         if not last_only:
             return rows.unpack(llm_pass())[:, n_prefix:]  # (B, L, H)
         last_slots = rows.output_index.view(batch, -1)[torch.arange(batch), n_prefix + seq_len - 1]  # (B,)
-        with ffn_only_at(self.backbone.layers[-1], last_slots):
+        with outputs_only_at(self.backbone.layers[-1], last_slots):
             hidden = llm_pass()
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_slots)  # (B, H)
 

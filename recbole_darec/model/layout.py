@@ -115,6 +115,12 @@ class PackedRows:
         flat = torch.cat([history_tokens.reshape(-1, *rest), history_tokens.new_full((1, *rest), fill)])
         return flat.index_select(0, self.source_index).view(*self.segment_ids.shape, *rest)
 
+    def pack_tokens(self, tokens: torch.Tensor, history_positions: torch.Tensor) -> torch.Tensor:
+        """(N, H) tokens at flat (B*W) ``history_positions`` (N,) -> (R, C, H) packed; the other slots hold 0."""
+        slots = self.output_index.index_select(0, history_positions)
+        packed = tokens.new_zeros(self.segment_ids.numel(), tokens.shape[-1])
+        return packed.index_put((slots,), tokens).view(*self.segment_ids.shape, -1)
+
     def unpack(self, packed_tokens: torch.Tensor) -> torch.Tensor:
         """(R, C, H) packed -> (B, W, H) one history per row; tokens past a history's length hold garbage."""
         hidden = packed_tokens.shape[-1]
