@@ -1,6 +1,7 @@
 """Valid and test metrics of a saved checkpoint, with the protocol it was trained under (its pickled config).
 
     python benchmarks/evaluate_checkpoint.py --checkpoint=benchmarks/results/<...>/saved/DARec-<time>.pth
+    python benchmarks/evaluate_checkpoint.py --checkpoint=... --set llm_bf16=False   (a setting replaced)
 
 For a run that is still training (or was stopped), this scores its best checkpoint so far: a snapshot, not a
 converged row. Copy the file first if the run is still writing it.
@@ -12,26 +13,33 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import recbole_darec  # noqa: F401  (compat first)
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.recommend import Recommender
 from recbole_darec.utils import get_trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import parse_overrides  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="replace a setting of the checkpoint's config (yaml value), e.g. --set llm_bf16=False")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config must not read this command line
 
     from recbole_darec.data import load_data
 
-    saved = Recommender(args.checkpoint)  # the model rebuilt from the checkpoint's config, weights loaded
+    overrides = parse_overrides(args.set)
+    saved = Recommender(args.checkpoint, overrides)  # the model rebuilt from the checkpoint's config, weights loaded
     config = saved.config
     _, _, valid_data, test_data = load_data(config)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, saved.model)
-    result = {"checkpoint": args.checkpoint,
+    result = {"checkpoint": args.checkpoint, "overrides": overrides, "llm_bf16": getattr(saved.model, "llm_bf16", None),
               "epoch": load_trusted_checkpoint(args.checkpoint, map_location="cpu").get("epoch")}
     for name, data in (("valid", valid_data), ("test", test_data)):
         start = time.perf_counter()

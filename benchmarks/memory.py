@@ -52,7 +52,8 @@ def measure_child(args) -> list[dict]:
     layers = args.layers[0]
     settings = {"data_path": args.data_path, "history_input": "tokens", "llm_layers": layers,
                 "item_max_tokens": ITEM_TOKENS - 1, "item_text_cache_dir": args.cache_dir, "state": "WARNING",
-                "show_progress": False, **SETTINGS[args.setting]}
+                "show_progress": False, "llm_bf16": False,  # float32 on every machine: the table's reference
+                **SETTINGS[args.setting]}
     config = Config(model="DARec", dataset=args.dataset, config_dict=settings)
     _, train_data, _, _ = load_data(config)
     model = build_model(config, train_data._dataset)

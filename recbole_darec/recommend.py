@@ -30,7 +30,8 @@ class UnknownItemError(ValueError):
 class Recommender:
     """A saved model, rebuilt once, that scores histories (``recommend`` builds one per call)."""
 
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoint: str, overrides: dict | None = None) -> None:
+        """``overrides``: settings that replace the checkpoint's own before the model is built (e.g. llm_bf16)."""
         state = load_trusted_checkpoint(str(checkpoint), map_location="cpu")
         config = state.get("config")
         if config is None or "state_dict" not in state:
@@ -39,6 +40,8 @@ class Recommender:
         if not torch.cuda.is_available():  # a checkpoint trained on a GPU still recommends on a CPU machine
             config["device"] = torch.device("cpu")
         config["show_progress"] = False
+        for key, value in (overrides or {}).items():
+            config[key] = value
         # A Config unpickled from a checkpoint skipped its __init__, which restores the numpy aliases RecBole's
         # evaluator still uses (np.float in NDCG): without them evaluating this model fails.
         config.compatibility_settings()

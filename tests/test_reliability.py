@@ -181,6 +181,9 @@ def test_recommend_function_and_cli(trained_checkpoint, tmp_path):
 
     with pytest.raises(UnknownItemError, match="i999, nope"):
         recommender.recommend(["i003", "i999", "nope"])
+    # A setting replaced at load (benchmarks/evaluate_checkpoint.py --set): the model is built with it.
+    assert recommender.model.llm_bf16 is False  # the checkpoint's own setting (the tests' float32)
+    assert Recommender(trained_checkpoint, {"llm_bf16": True}).model.llm_bf16 is True
 
     cli = [sys.executable, "-m", "recbole_darec.recommend", f"--checkpoint={trained_checkpoint}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
