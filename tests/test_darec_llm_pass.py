@@ -100,4 +100,3 @@ def test_bf16_auto_follows_what_the_device_computes_natively(tmp_path, text_data
 def test_unknown_bf16_setting_is_refused(tmp_path, text_data):
     with pytest.raises(ValueError, match="llm_bf16='fast'.*auto"):
         build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="fast"))
-
