@@ -116,7 +116,8 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
         embeds, token_counts = model._embed(packed.input_ids), (packed.block_ids >= 0).sum(1)
     # Histories packed into the rows DARec runs (several to a row, each seeing only itself), causal within each.
     rows = pack_rows(token_counts, embeds.shape[1], darec_module.PACKED_ROW_TOKENS, multiple=model.pad_tokens_to)
-    history_inputs = (rows.pack(embeds).detach(), attention_mask(rows.positions, True, embeds.dtype, rows.segment_ids),
+    mask_dtype = torch.bfloat16 if model.llm_bf16 else embeds.dtype  # as DARec's forward: SDPA wants the queries'
+    history_inputs = (rows.pack(embeds).detach(), attention_mask(rows.positions, True, mask_dtype, rows.segment_ids),
                       rows.positions.clamp(min=0))
     plain_steps = {"plain": lambda: plain_pass(*history_inputs)}
     if model.history_input == "tokens":
@@ -173,6 +174,7 @@ def evaluation_ms_per_user(model, dataset, test_data, config_dict: dict, passes:
     sasrec = get_model("SASRec")(config, dataset).to(config["device"]).eval()
     batches = [batch[0].to(config["device"]) for batch in test_data]
     users = sum(len(batch) for batch in batches)
+
     def sasrec_bf16(batch):  # SASRec in the same autocast, for a like-for-like figure when DARec runs bf16
         with torch.autocast(batch[model.ITEM_SEQ].device.type, torch.bfloat16):
             return sasrec.full_sort_predict(batch)

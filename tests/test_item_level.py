@@ -298,21 +298,26 @@ def test_windows_cover_every_training_target_once(tmp_path):
         assert predicted[user] == history[1:], user  # every target after the first item, once, in time order
 
 
+@pytest.mark.parametrize("llm_bf16", [False, True], ids=["fp32", "bf16"])
 def test_speed_benchmark_measures_the_item_level_step_against_the_same_packed_rows(tmp_path, text_data,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, llm_bf16):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import speed
 
     plain_inputs, darec_inputs = [], []  # (rows, width) of every call of the plain backbone / of DARec's
+    mask_dtypes = {"plain": set(), "darec": set()}
 
-    def recorder(calls):
-        return lambda _module, _args, inputs: calls.append(tuple(inputs["inputs_embeds"].shape[:2]))
+    def recorder(calls, name):
+        def record(_module, _args, inputs):
+            calls.append(tuple(inputs["inputs_embeds"].shape[:2]))
+            mask_dtypes[name].add(inputs["attention_mask"].dtype)
+        return record
 
     load_backbone = speed.load_backbone
 
     def recording_backbone(*args, **kwargs):
         backbone = load_backbone(*args, **kwargs)
-        backbone.model.register_forward_pre_hook(recorder(plain_inputs), with_kwargs=True)
+        backbone.model.register_forward_pre_hook(recorder(plain_inputs, "plain"), with_kwargs=True)
         return backbone
 
     monkeypatch.setattr(speed, "load_backbone", recording_backbone)
@@ -323,12 +328,12 @@ def test_speed_benchmark_measures_the_item_level_step_against_the_same_packed_ro
         def make(config, dataset):
             model = build_model(name)(config, dataset)
             if name == "DARec":
-                model.llm.register_forward_pre_hook(recorder(darec_inputs), with_kwargs=True)
+                model.llm.register_forward_pre_hook(recorder(darec_inputs, "darec"), with_kwargs=True)
             return model
         return make
 
     monkeypatch.setattr(speed, "get_model", recording_model)
-    settings = item_settings(tmp_path, text_data[0], train_batch_size=40)
+    settings = item_settings(tmp_path, text_data[0], train_batch_size=40, llm_bf16=llm_bf16)
     result = speed.measure("DARec", text_data[1], settings, steps=4)
     assert result["history_input"] == "items" and result["steps"] == 4 and result["step_ratio"] > 0
     assert result["eval_ms_per_user"] > 0 and result["eval_ms_per_user_sasrec"] > 0
@@ -340,3 +345,6 @@ def test_speed_benchmark_measures_the_item_level_step_against_the_same_packed_ro
     rows, width = plain_inputs[0]
     assert darec_inputs[0] == (rows, width) and rows < result["batch_users"]
     assert result["batch_tokens"] <= rows * width
+    # The plain step runs in DARec's precision, its mask in the queries' dtype as DARec's own.
+    expected = torch.bfloat16 if llm_bf16 else torch.float32
+    assert mask_dtypes == {"plain": {expected}, "darec": {expected}}
