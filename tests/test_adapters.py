@@ -89,12 +89,24 @@ def test_gate_mixes_both_branches_and_learns():
     adapter = SublayerAdapter(8, 4, router)
     for branch in (adapter.serial, adapter.parallel):
         torch.nn.init.normal_(branch.up.weight)
-    x, fx = torch.randn(4, 8), torch.randn(4, 8)
-    expected = fx + 0.5 * adapter.serial(fx) + 0.5 * adapter.parallel(x)  # sigmoid(0) = 0.5
+        torch.nn.init.normal_(branch.up.bias)
+    with torch.no_grad():
+        router.gate_logit.fill_(0.7)  # not sigmoid(0) = 0.5, where the two branches' weights would be symmetric
+    x, fx = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    parameters = [router.gate_logit, *adapter.serial.parameters(), *adapter.parallel.parameters()]
+
+    def reference() -> torch.Tensor:  # the unfused formula the adapter computes as one product
+        gate = torch.sigmoid(router.gate_logit)
+        return fx + gate * adapter.serial(fx) + (1 - gate) * adapter.parallel(x)
+
+    expected = reference()
+    expected_grads = torch.autograd.grad((expected * torch.arange(8.0)).sum(), parameters)
     out = adapter(x, fx)
     torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    assert router.gate_logit.grad is not None and router.gate_logit.grad != 0
+    grads = torch.autograd.grad((out * torch.arange(8.0)).sum(), parameters)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    assert grads[0] != 0  # the gate learns
 
 
 def test_router_rejects_unknown_mode():

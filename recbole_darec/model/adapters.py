@@ -13,6 +13,7 @@ pre-hook stores the sublayer input, a hook adds the adapter output to the sublay
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recbole_darec.model.backbone import sublayer_modules
@@ -49,7 +50,11 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.dropout(self.act(self.down(x))))
+        return self.up(self.bottleneck(x))
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The r-wide activations that ``up`` maps back (r = adapter_size)."""
+        return self.dropout(self.act(self.down(x)))
 
 
 class LayerRouter(nn.Module):
@@ -84,8 +89,15 @@ class SublayerAdapter(nn.Module):
     def forward(self, sublayer_input: torch.Tensor, sublayer_output: torch.Tensor) -> torch.Tensor:
         router = self.router[0]
         if router.mode == "gate":
+            # g * up_s(a_s) + (1 - g) * up_p(a_p) as one product of [a_s, a_p] with the gate-scaled up weights: the
+            # two full-width scalings, their sum and their backward were 6% of a token-level step (CPU, bf16).
             gate = torch.sigmoid(router.gate_logit)
-            return sublayer_output + gate * self.serial(sublayer_output) + (1 - gate) * self.parallel(sublayer_input)
+            serial, parallel = self.serial.up, self.parallel.up
+            activations = torch.cat([self.serial.bottleneck(sublayer_output),
+                                     self.parallel.bottleneck(sublayer_input)], dim=-1)  # (..., 2r)
+            weight = torch.cat([gate * serial.weight, (1 - gate) * parallel.weight], dim=1)  # (d, 2r)
+            bias = gate * serial.bias + (1 - gate) * parallel.bias
+            return sublayer_output + F.linear(activations, weight, bias)
         if router.choice == SERIAL:
             return sublayer_output + self.serial(sublayer_output)
         return sublayer_output + self.parallel(sublayer_input)
