@@ -19,7 +19,7 @@ import torch
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.model import darec as darec_module
-from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.backbone import attention_mask_dtype, load_backbone
 from recbole_darec.model.item_states import drop_lower_layers
 from recbole_darec.model.layout import pack_items, pack_rows, pack_sequences
 from recbole_darec.model.masks import attention_mask
@@ -116,7 +116,7 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
         embeds, token_counts = model._embed(packed.input_ids), (packed.block_ids >= 0).sum(1)
     # Histories packed into the rows DARec runs (several to a row, each seeing only itself), causal within each.
     rows = pack_rows(token_counts, embeds.shape[1], darec_module.PACKED_ROW_TOKENS, multiple=model.pad_tokens_to)
-    mask_dtype = torch.bfloat16 if model.llm_bf16 else embeds.dtype  # as DARec's forward: SDPA wants the queries'
+    mask_dtype = attention_mask_dtype(embeds.device, rows.positions.shape[1], model.llm_bf16)  # as DARec's forward
     history_inputs = (rows.pack(embeds).detach(), attention_mask(rows.positions, True, mask_dtype, rows.segment_ids),
                       rows.positions.clamp(min=0))
     plain_steps = {"plain": lambda: plain_pass(*history_inputs)}

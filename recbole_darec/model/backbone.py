@@ -27,6 +27,13 @@ ATTN_IMPLEMENTATION = "darec_sdpa"
 CPU_FLOAT32_ATTENTION_BELOW = 256
 
 
+def attention_mask_dtype(device: torch.device, row_tokens: int, bf16: bool) -> torch.dtype:
+    """The dtype of the additive mask for rows of ``row_tokens``: SDPA wants the queries' dtype, and short rows on a
+    CPU run their bf16 attention in float32 (``_sdpa_attention``)."""
+    float32_attention = device.type == "cpu" and row_tokens < CPU_FLOAT32_ATTENTION_BELOW
+    return torch.bfloat16 if bf16 and not float32_attention else torch.float32
+
+
 def _sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -26,7 +26,7 @@ from recbole_darec.data.item_text import cached_item_tokens
 from recbole_darec.model.adapters import attach_adapters, parse_adapter_arch, set_architecture
 from recbole_darec.model.backbone import (
     ATTN_IMPLEMENTATION,
-    CPU_FLOAT32_ATTENTION_BELOW,
+    attention_mask_dtype,
     computes_bf16_natively,
     load_backbone,
     outputs_only_at,
@@ -223,10 +223,7 @@ class DARec(SequentialRecommender):
             position_ids = F.pad(position_ids, (0, padding))
             if segment_ids is not None:
                 segment_ids = F.pad(segment_ids, (0, padding), value=PAD_BLOCK)
-        # SDPA wants the queries' dtype; short rows on a CPU run their attention in float32 (backbone.py).
-        float32_attention = (inputs_embeds.device.type == "cpu"
-                             and block_ids.shape[1] < CPU_FLOAT32_ATTENTION_BELOW)
-        mask_dtype = torch.bfloat16 if self.llm_bf16 and not float32_attention else torch.float32
+        mask_dtype = attention_mask_dtype(inputs_embeds.device, block_ids.shape[1], self.llm_bf16)
         mask = attention_mask(block_ids, context_masking, mask_dtype, segment_ids)  # (B, 1, T, T)
         # The adapters act inside this call: attach_adapters hooked them onto every decoder layer's attention and
         # FFN (LoRA: peft replaced the target projections), so the backbone runs as its own code.
