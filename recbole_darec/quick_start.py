@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from logging import getLogger
 
+import torch
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_darec.config import Config
@@ -114,6 +115,10 @@ def run_darec(
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
+    if not config["single_spec"] and torch.distributed.is_initialized():
+        # As RecBole's run_recbole: a gloo group left alive at exit can abort the process ("terminate called
+        # without an active exception") after its results are written.
+        torch.distributed.destroy_process_group()
     return {
         "model": config["model"],
         "dataset": config["dataset"],
