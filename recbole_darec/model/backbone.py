@@ -21,9 +21,9 @@ RANDOM_PREFIX = "random:"
 # through transformers' own sdpa function wrapped by ``_sdpa_attention`` (registered under this name).
 ATTN_IMPLEMENTATION = "darec_sdpa"
 # PyTorch's CPU flash-attention backward in bf16 has a large cost per (row, head) block: forward + backward of
-# 131 rows x 10 tokens (9 heads of 64) took 44 ms in bf16 against 8-10 ms in float32, 128-token rows 30 against
-# 17-20 ms; from 256 tokens on the two are even, and bf16 is ahead at 512 (2 threads, torch 2.13). Under bf16
-# autocast on a CPU, rows shorter than this run their attention in float32.
+# 131 rows x 10 tokens (9 heads of 64) take 45 ms in bf16 against 10 ms in float32, 128-token rows 32 against 18 ms,
+# 256-token rows 39 against 35, and bf16 is ahead from 512 (benchmarks/attention_dtype.py, 2 threads, torch 2.13).
+# Under bf16 autocast on a CPU, rows shorter than this run their attention in float32.
 CPU_FLOAT32_ATTENTION_BELOW = 256
 
 
