@@ -103,24 +103,29 @@ def test_unknown_bf16_setting_is_refused(tmp_path, text_data):
         build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="fast"))
 
 
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32-queries"])
 @pytest.mark.parametrize("tokens", [10, CPU_FLOAT32_ATTENTION_BELOW], ids=["short", "long"])
-def test_short_cpu_rows_run_their_bf16_attention_in_float32(tokens):
-    """Under bf16 on a CPU, rows shorter than CPU_FLOAT32_ATTENTION_BELOW get transformers' sdpa attention computed
-    in float32 from the same bf16 inputs (bitwise), in the queries' dtype; longer rows run it in bf16 unchanged."""
+def test_short_cpu_rows_run_their_bf16_attention_in_float32(tokens, query_dtype):
+    """Under bf16 autocast on a CPU, as the backbone runs, rows shorter than CPU_FLOAT32_ATTENTION_BELOW get
+    transformers' sdpa attention computed in float32 from the same inputs (bitwise), returned in bf16; longer rows run
+    it as autocast does. float32-queries: a Llama layer's queries and keys leave rotary in float32, its values in bf16;
+    autocast would cast all three to bf16 for SDPA unless the short-row path turns it off."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.manual_seed(0)
     module = torch.nn.Module()  # what sdpa_attention_forward reads of the layer: is_causal, num_key_value_groups
     module.is_causal = True
-    query, key, value = (torch.randn(2, 3, tokens, 8).bfloat16() for _ in range(3))
+    query, key = (torch.randn(2, 3, tokens, 8).to(query_dtype) for _ in range(2))
+    value = torch.randn(2, 3, tokens, 8).bfloat16()
     mask = torch.zeros(2, 1, tokens, tokens, dtype=torch.bfloat16)
     mask[..., -1] = torch.finfo(torch.bfloat16).min  # the last token is seen by no one
-    output, _ = _sdpa_attention(module, query, key, value, mask, scaling=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = _sdpa_attention(module, query, key, value, mask, scaling=0.3)
+        if tokens >= CPU_FLOAT32_ATTENTION_BELOW:
+            expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     assert output.dtype == torch.bfloat16
     if tokens < CPU_FLOAT32_ATTENTION_BELOW:
         expected, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask.float(),
                                              scaling=0.3)
         expected = expected.bfloat16()
-    else:
-        expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     torch.testing.assert_close(output, expected, rtol=0, atol=0)

@@ -38,12 +38,23 @@ def _sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.device.type == "cpu" and query.dtype == torch.bfloat16
-            and query.shape[2] < CPU_FLOAT32_ATTENTION_BELOW):
+    short_cpu_rows = query.device.type == "cpu" and query.shape[2] < CPU_FLOAT32_ATTENTION_BELOW
+    if short_cpu_rows and _runs_bf16_on_cpu(query, key, value):
         mask = None if attention_mask is None else attention_mask.float()
-        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
-        return output.to(query.dtype), weights
+        # Autocast lists scaled_dot_product_attention among its bf16 ops: inside the backbone's autocast it would
+        # cast these float32 inputs straight back.
+        with torch.autocast("cpu", enabled=False):
+            output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask,
+                                                     **kwargs)
+        return output.bfloat16(), weights
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _runs_bf16_on_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether SDPA would compute in bf16: a bf16 input, or CPU bf16 autocast, which casts all of them. A Llama
+    layer under autocast hands over float32 queries and keys (rotary's float32 cos/sin promote them) and bf16 values."""
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast_bf16 or any(tensor.dtype == torch.bfloat16 for tensor in tensors)
 
 
 class BackboneNotFoundError(RuntimeError):
