@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -78,7 +80,21 @@ def tokens_per_epoch(sequences: torch.Tensor, lengths: torch.Tensor, item_token_
     return all_position, per_prefix
 
 
-def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -> dict:
+@dataclass
+class TrainingSteps:
+    """One DARec training step on the first training batch and the plain steps it is compared with ("plain": the
+    histories; token level also "plain_all", every token the step runs), each a function of no arguments."""
+
+    model: torch.nn.Module
+    train_data: object
+    test_data: object
+    darec_step: Callable[[], None]
+    plain_steps: dict[str, Callable[[], None]]
+    batch_users: int
+    batch_tokens: int
+
+
+def training_steps(model_name: str, dataset: str, config_dict: dict) -> TrainingSteps:
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
     _, train_data, _, test_data = load_data(config)
     model = get_model(model_name)(config, train_data._dataset).to(config["device"])
@@ -138,7 +154,14 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
             plain_pass(*item_inputs[1], backward=False)
 
         plain_steps["plain_all"] = plain_every_token
-    timing = interleaved(darec_step, plain_steps, steps)
+    return TrainingSteps(model, train_data, test_data, darec_step, plain_steps, len(item_len),
+                         int(token_counts.sum()))
+
+
+def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -> dict:
+    built = training_steps(model_name, dataset, config_dict)
+    model, train_data, test_data = built.model, built.train_data, built.test_data
+    timing = interleaved(built.darec_step, built.plain_steps, steps)
     # Token level: a full refresh of the training item cache; item level keeps no such cache.
     refresh_seconds = _timed(model.encode_all_items, 1) if model.history_input == "tokens" else 0.0
 
@@ -156,8 +179,8 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -
         eval_ms = evaluation_ms_per_user(model, train_data._dataset, test_data, config_dict)
     return {
         "history_input": model.history_input,
-        "batch_users": len(item_len),
-        "batch_tokens": int(token_counts.sum()),
+        "batch_users": built.batch_users,
+        "batch_tokens": built.batch_tokens,
         **timing,
         "item_cache_refresh_s": refresh_seconds,
         "tokens_per_epoch_all_position": all_position,

@@ -1,0 +1,87 @@
+"""A/B of the float32 attention of short CPU rows under bf16 autocast (``backbone.CPU_FLOAT32_ATTENTION_BELOW``).
+
+One process builds the speed benchmark's steps (``speed.training_steps``: the DARec step and the plain backbone
+steps on the same tokens) and times them with the float32 path on (the threshold as shipped) and off (threshold 0:
+every row in bf16, as autocast runs it), in turns, so a slow spell of the machine hits both settings alike. Prints a
+markdown table of medians with quartiles; ``--out`` also writes it, with the raw seconds as JSON.
+
+    OMP_NUM_THREADS=2 python benchmarks/float32_attention_ab.py --dataset=amazon-scientific --profile=cpu \
+        --models=DARec-tokens,DARec --out=benchmarks/results/float32-attention-ab-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from run import default_data_path, load_profile, row_config  # benchmarks/ is sys.path[0] for a script
+from speed import _quartiles, _seconds, training_steps
+
+from recbole_darec.model import backbone
+
+SETTINGS = {"float32 short rows": backbone.CPU_FLOAT32_ATTENTION_BELOW, "all bf16": 0}
+
+
+def ab_rows(model_name: str, dataset: str, config_dict: dict, steps: int) -> dict:
+    built = training_steps(model_name, dataset, config_dict)
+    if not built.model.llm_bf16:
+        raise SystemExit(f"{model_name}: llm_bf16 is off on this machine, so both settings run float32")
+    runs = {"darec": built.darec_step, **built.plain_steps}
+    seconds = {setting: {name: [] for name in runs} for setting in SETTINGS}
+    for _ in range(steps + 1):  # the first round warms up
+        for setting, threshold in SETTINGS.items():
+            backbone.CPU_FLOAT32_ATTENTION_BELOW = threshold
+            for name, run in runs.items():
+                seconds[setting][name].append(_seconds(run))
+    backbone.CPU_FLOAT32_ATTENTION_BELOW = SETTINGS["float32 short rows"]
+    return {setting: {name: values[1:] for name, values in per_run.items()} for setting, per_run in seconds.items()}
+
+
+def table(results: dict) -> str:
+    lines = ["| model | setting | DARec step s | plain step s (histories) | ratio | plain every token s | "
+             "ratio, every token |", "|---|---|---|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        q1, median, q3 = _quartiles(values)
+        return f"{median:.3f} [{q1:.3f}-{q3:.3f}]"
+
+    for model_name, per_setting in results.items():
+        for setting, runs in per_setting.items():
+            darec = runs["darec"]
+            cells = [cell(darec), cell(runs["plain"]), cell([d / p for d, p in zip(darec, runs["plain"])])]
+            if "plain_all" in runs:
+                cells += [cell(runs["plain_all"]), cell([d / p for d, p in zip(darec, runs["plain_all"])])]
+            else:
+                cells += ["-", "-"]
+            lines.append(f"| {model_name} | {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="amazon-scientific")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--models", default="DARec-tokens,DARec")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv
+    profile, results = load_profile(args.profile), {}
+    out_dir = (args.out or Path("float32-attention-ab")).resolve()
+    for variant in args.models.split(","):
+        model_name, settings = row_config(profile, variant, 2020, default_data_path(args.dataset), out_dir, {})
+        results[variant] = ab_rows(model_name, args.dataset, settings, args.steps)
+    text = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dataset}, profile {args.profile}; "
+            f"medians of {args.steps} steps per setting, run in turns, quartiles in brackets\n\n{table(results)}\n")
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(text)
+        (args.out / "seconds.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
