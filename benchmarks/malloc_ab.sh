@@ -4,6 +4,7 @@
 # step ratios. The ratio is what compares across runs: DARec and the plain backbone run in turns within a run.
 # tuned: a fixed 32 MB mmap threshold (glibc's largest), no trimming of the heap top, 256 MB top pad, so freed
 # blocks stay in the process instead of going back to the OS and faulting pages in again on the next step.
+# The runs share one item text cache (computed by the first, gitignored under OUT/saved).
 # Usage: bash benchmarks/malloc_ab.sh [OUT]   (default benchmarks/results/malloc-ab-cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,8 @@ for round in 1 2; do
       malloc_env=(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456)
     fi
     env "${malloc_env[@]}" "$PY" benchmarks/run.py --dataset=amazon-scientific --profile=cpu \
-      --models=DARec-tokens,DARec --speed_only --out="$out" > "$out.log" 2>&1
+      --models=DARec-tokens,DARec --speed_only --out="$out" --set item_text_cache_dir="$OUT/saved/item_text_cache" \
+      > "$out.log" 2>&1
   done
 done
 "$PY" - "$OUT" <<'PYEOF' | tee "$OUT/table.md"
@@ -28,7 +30,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("| run | model | DARec step s | plain step s (every token) | step ratio [quartiles] | eval ratio to SASRec |")
 print("|---|---|---|---|---|---|")
-for run in sorted(p for p in out.iterdir() if p.is_dir()):
+for run in sorted(p for p in out.iterdir() if (p / "rows").is_dir()):
     for model in ("DARec-tokens", "DARec"):
         r = json.loads((run / "rows" / f"{model}.speed.json").read_text())
         key = "step_ratio_plain_all" if "step_ratio_plain_all" in r else "step_ratio"
