@@ -12,8 +12,10 @@ import pytest
 import torch
 from darec_testing import BACKBONES, DAREC_TEST_FIXTURES, build, first_batch, settings_for
 
+from recbole_darec.model import backbone
 from recbole_darec.model import darec as darec_module
-from recbole_darec.model.backbone import ATTN_IMPLEMENTATION, CPU_FLOAT32_ATTENTION_BELOW, _sdpa_attention
+from recbole_darec.model.backbone import ATTN_IMPLEMENTATION, CPU_PRODUCT_ATTENTION_BELOW, _sdpa_attention
+from recbole_darec.model.masks import attention_mask
 
 pytestmark = DAREC_TEST_FIXTURES
 
@@ -103,29 +105,82 @@ def test_unknown_bf16_setting_is_refused(tmp_path, text_data):
         build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="fast"))
 
 
+def _gqa_attention_inputs(tokens: int, query_dtype: torch.dtype):
+    """A layer as sdpa_attention_forward reads it (is_causal, num_key_value_groups: 2 query heads per key head),
+    queries (2, 4, T, 8), keys and values (2, 2, T, 8), and a block-causal float32 mask whose last key no one sees."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    query = torch.randn(2, 4, tokens, 8).to(query_dtype)
+    key = torch.randn(2, 2, tokens, 8).to(query_dtype)
+    value = torch.randn(2, 2, tokens, 8).bfloat16()
+    block_ids = torch.arange(tokens).div(3, rounding_mode="floor")[None].expand(2, -1)  # blocks of 3 tokens
+    mask = attention_mask(block_ids, True, torch.float32)
+    mask[..., -1] = torch.finfo(torch.float32).min
+    mask[..., -1, -1] = 0  # the last token still sees itself
+    return module, query, key, value, mask
+
+
 @pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32-queries"])
-@pytest.mark.parametrize("tokens", [10, CPU_FLOAT32_ATTENTION_BELOW], ids=["short", "long"])
-def test_short_cpu_rows_run_their_bf16_attention_in_float32(tokens, query_dtype):
-    """Under bf16 autocast on a CPU, as the backbone runs, rows shorter than CPU_FLOAT32_ATTENTION_BELOW get
-    transformers' sdpa attention computed in float32 from the same inputs (bitwise), returned in bf16; longer rows run
-    it as autocast does. float32-queries: a Llama layer's queries and keys leave rotary in float32, its values in bf16;
-    autocast would cast all three to bf16 for SDPA unless the short-row path turns it off."""
+def test_short_cpu_rows_run_their_bf16_attention_as_products(query_dtype, monkeypatch):
+    """Under bf16 autocast on a CPU, as the backbone runs, rows shorter than CPU_PRODUCT_ATTENTION_BELOW get their
+    attention from bf16 matrix products around a float32 softmax: the float32 kernel's outputs and input gradients
+    to bf16 precision, and a key the mask hides changes nothing. float32-queries: a Llama layer's queries and keys
+    leave rotary in float32 and its values in bf16; the path must fire for them too."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    torch.manual_seed(0)
-    module = torch.nn.Module()  # what sdpa_attention_forward reads of the layer: is_causal, num_key_value_groups
-    module.is_causal = True
-    query, key = (torch.randn(2, 3, tokens, 8).to(query_dtype) for _ in range(2))
-    value = torch.randn(2, 3, tokens, 8).bfloat16()
-    mask = torch.zeros(2, 1, tokens, tokens, dtype=torch.bfloat16)
-    mask[..., -1] = torch.finfo(torch.bfloat16).min  # the last token is seen by no one
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args[1].shape)
+        return products(*args, **kwargs)
+
+    products = backbone._attention_as_products
+    monkeypatch.setattr(backbone, "_attention_as_products", recording)
+    module, query, key, value, mask = _gqa_attention_inputs(10, query_dtype)
+    inputs = [t.detach().requires_grad_() for t in (query, key, value)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = _sdpa_attention(module, *inputs, mask, scaling=0.3)
+    assert calls == [(2, 4, 10, 8)]
+    reference_inputs = [t.detach().float().requires_grad_() for t in (query, key, value)]
+    expected, _ = sdpa_attention_forward(module, *reference_inputs, mask, scaling=0.3)
+    assert output.dtype == torch.bfloat16 and output.shape == expected.shape == (2, 10, 4, 8)
+    torch.testing.assert_close(output.float(), expected, rtol=0.02, atol=0.02)
+    output_grad = torch.randn(expected.shape)
+    output.backward(output_grad.bfloat16())
+    expected.backward(output_grad)
+    for got, want in zip(inputs, reference_inputs):
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=0.05, atol=0.05)
+
+    hidden_value = value.clone()
+    hidden_value[:, :, -1] += 100.0  # the last key is seen only by its own token
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        changed, _ = _sdpa_attention(module, query, key, hidden_value, mask, scaling=0.3)
+    assert torch.equal(changed[:, :-1], output[:, :-1].detach())
+    assert not torch.equal(changed[:, -1], output[:, -1].detach())
+
+
+def test_product_attention_without_a_mask_is_causal():
+    """Without a mask (transformers drops an all-ones 2-D padding mask), the products attend causally, as SDPA's
+    is_causal does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module, query, key, value, _ = _gqa_attention_inputs(10, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = _sdpa_attention(module, query, key, value, None)
+    expected, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), None)
+    torch.testing.assert_close(output.float(), expected, rtol=0.02, atol=0.02)
+
+
+def test_long_cpu_rows_keep_the_sdpa_kernel(monkeypatch):
+    """Rows from CPU_PRODUCT_ATTENTION_BELOW tokens on run transformers' sdpa function as autocast runs it: the
+    products would keep (rows, heads, T, T) probabilities for backward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    monkeypatch.setattr(backbone, "_attention_as_products", None)  # not called
+    module, query, key, value, mask = _gqa_attention_inputs(CPU_PRODUCT_ATTENTION_BELOW, torch.bfloat16)
+    mask = mask.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output, _ = _sdpa_attention(module, query, key, value, mask, scaling=0.3)
-        if tokens >= CPU_FLOAT32_ATTENTION_BELOW:
-            expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    assert output.dtype == torch.bfloat16
-    if tokens < CPU_FLOAT32_ATTENTION_BELOW:
-        expected, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask.float(),
-                                             scaling=0.3)
-        expected = expected.bfloat16()
+        expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     torch.testing.assert_close(output, expected, rtol=0, atol=0)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from darec_testing import BACKBONES, TINY_LLM, build, darec_settings, trainer_for, write_text_dataset
 
 from recbole_darec.model import darec as darec_module
-from recbole_darec.model.backbone import CPU_FLOAT32_ATTENTION_BELOW, sublayer_modules
+from recbole_darec.model.backbone import CPU_PRODUCT_ATTENTION_BELOW, sublayer_modules
 from recbole_darec.model.item_states import encode_item_text, pca_whitening
 from recbole_darec.model.layout import pack_rows
 
@@ -346,6 +346,6 @@ def test_speed_benchmark_measures_the_item_level_step_against_the_same_packed_ro
     assert darec_inputs[0] == (rows, width) and rows < result["batch_users"]
     assert result["batch_tokens"] <= rows * width
     # The plain step runs in DARec's precision, its mask in the dtype of DARec's own: these 16-token rows run their
-    # attention in float32 on a CPU, bf16 or not.
-    expected = torch.bfloat16 if llm_bf16 and width >= CPU_FLOAT32_ATTENTION_BELOW else torch.float32
+    # attention with a float32 mask on a CPU, bf16 or not.
+    expected = torch.bfloat16 if llm_bf16 and width >= CPU_PRODUCT_ATTENTION_BELOW else torch.float32
     assert mask_dtypes == {"plain": {expected}, "darec": {expected}}

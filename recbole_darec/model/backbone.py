@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 EMBEDDED_BACKBONE = "smollm2-135m"
@@ -20,33 +21,31 @@ RANDOM_PREFIX = "random:"
 # Every backbone runs PyTorch's scaled_dot_product_attention, which takes DARec's own 4D mask (masks.py) as given,
 # through transformers' own sdpa function wrapped by ``_sdpa_attention`` (registered under this name).
 ATTN_IMPLEMENTATION = "darec_sdpa"
-# PyTorch's CPU flash-attention backward in bf16 has a large cost per (row, head) block: forward + backward of
-# 131 rows x 10 tokens (9 heads of 64) take 45 ms in bf16 against 10 ms in float32, 128-token rows 32 against 18 ms,
-# 256-token rows 39 against 35, and bf16 is ahead from 512 (benchmarks/attention_dtype.py, 2 threads, torch 2.13).
-# Under bf16 autocast on a CPU, rows shorter than this run their attention in float32.
-CPU_FLOAT32_ATTENTION_BELOW = 256
+# PyTorch's CPU flash-attention kernel has a large cost per (row, head) block, in bf16 above all: forward + backward
+# of 131 rows x 10 tokens (9 heads of 64) take 29.5 ms in bf16 and 5.2 ms in float32, and 3.5 ms as bf16 matrix
+# products around a float32 softmax; 13 rows x 128 tokens 18.6, 11.6 and 6.7 ms; forward alone 3.7, 3.2 and 2.3 ms
+# (benchmarks/attention_dtype.py, 2 threads, torch 2.13). The products keep the (rows, heads, T, T) probabilities for
+# backward, which the kernel does not, and fall behind it from 512 tokens, so only rows shorter than this run that
+# way, under bf16 autocast on a CPU (``_attention_as_products``).
+CPU_PRODUCT_ATTENTION_BELOW = 256
+
+
+def _short_cpu_rows(device: torch.device, row_tokens: int) -> bool:
+    return device.type == "cpu" and row_tokens < CPU_PRODUCT_ATTENTION_BELOW
 
 
 def attention_mask_dtype(device: torch.device, row_tokens: int, bf16: bool) -> torch.dtype:
-    """The dtype of the additive mask for rows of ``row_tokens``: SDPA wants the queries' dtype, and short rows on a
-    CPU run their bf16 attention in float32 (``_sdpa_attention``)."""
-    float32_attention = device.type == "cpu" and row_tokens < CPU_FLOAT32_ATTENTION_BELOW
-    return torch.bfloat16 if bf16 and not float32_attention else torch.float32
+    """The dtype of the additive mask for rows of ``row_tokens``: SDPA wants the queries' dtype; short rows on a CPU
+    add it to their scores before a float32 softmax (``_attention_as_products``), so theirs is float32."""
+    return torch.bfloat16 if bf16 and not _short_cpu_rows(device, row_tokens) else torch.float32
 
 
 def _sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    short_cpu_rows = query.device.type == "cpu" and query.shape[2] < CPU_FLOAT32_ATTENTION_BELOW
-    if short_cpu_rows and _runs_bf16_on_cpu(query, key, value):
-        mask = None if attention_mask is None else attention_mask.float()
-        # Autocast lists scaled_dot_product_attention among its bf16 ops: inside the backbone's autocast it would
-        # cast these float32 inputs straight back.
-        with torch.autocast("cpu", enabled=False):
-            output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask,
-                                                     **kwargs)
-        return output.bfloat16(), weights
+    if _short_cpu_rows(query.device, query.shape[2]) and _runs_bf16_on_cpu(query, key, value):
+        return _attention_as_products(module, query, key, value, attention_mask, **kwargs), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -55,6 +54,33 @@ def _runs_bf16_on_cpu(*tensors: torch.Tensor) -> bool:
     layer under autocast hands over float32 queries and keys (rotary's float32 cos/sin promote them) and bf16 values."""
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     return autocast_bf16 or any(tensor.dtype == torch.bfloat16 for tensor in tensors)
+
+
+def _attention_as_products(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           is_causal: bool | None = None, **kwargs) -> torch.Tensor:
+    """Softmax attention as two bf16 matrix products around a float32 softmax: (B, H, Q, D) queries, (B, H_kv, K, D)
+    keys and values, an additive mask (B, 1, Q, K) -> (B, Q, H, D) outputs, as ``sdpa_attention_forward`` returns."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    n_groups = query.shape[1] // key.shape[1]
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if attention_mask is None and is_causal and n_queries > 1:  # what SDPA's is_causal would do
+        future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=query.device).triu(1)
+        attention_mask = torch.zeros(future.shape, device=query.device).masked_fill(future, float("-inf"))
+    with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, not by autocast's lists
+        key, value = repeat_kv(key.bfloat16(), n_groups), repeat_kv(value.bfloat16(), n_groups)
+        scores = (query.bfloat16() @ key.transpose(-1, -2)) * scaling  # (B, H, Q, K)
+        if attention_mask is not None:  # float32 from here: a float32 mask's minimum must not overflow
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(-1, dtype=torch.float32)
+        if dropout > 0:  # transformers passes 0 outside training
+            probs = F.dropout(probs, p=dropout)
+        return (probs.bfloat16() @ value).transpose(1, 2).contiguous()
 
 
 class BackboneNotFoundError(RuntimeError):

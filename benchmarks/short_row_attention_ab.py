@@ -1,12 +1,15 @@
-"""A/B of the float32 attention of short CPU rows under bf16 autocast (``backbone.CPU_FLOAT32_ATTENTION_BELOW``).
+"""A/B/C of the attention of short CPU rows under bf16 autocast (``backbone.CPU_PRODUCT_ATTENTION_BELOW``).
 
 One process builds the speed benchmark's steps (``speed.training_steps``: the DARec step and the plain backbone
-steps on the same tokens) and times them with the float32 path on (the threshold as shipped) and off (threshold 0:
-every row in bf16, as autocast runs it), in turns, so a slow spell of the machine hits both settings alike. Prints a
-markdown table of medians with quartiles; ``--out`` also writes it, with the raw seconds as JSON.
+steps on the same tokens) and times them in turns, so a slow spell of the machine hits every setting alike, with the
+rows shorter than the threshold run
+- as shipped: bf16 matrix products around a float32 softmax (``backbone._attention_as_products``);
+- through PyTorch's SDPA kernel in float32 (the path until commit 0b711f7);
+- through the SDPA kernel in bf16, as autocast runs it (threshold 0).
+Prints a markdown table of medians with quartiles; ``--out`` also writes it, with the raw seconds as JSON.
 
-    OMP_NUM_THREADS=2 python benchmarks/float32_attention_ab.py --dataset=amazon-scientific --profile=cpu \
-        --models=DARec-tokens,DARec --out=benchmarks/results/float32-attention-ab-cpu
+    OMP_NUM_THREADS=2 python benchmarks/short_row_attention_ab.py --dataset=amazon-scientific --profile=cpu \
+        --models=DARec-tokens,DARec --out=benchmarks/results/short-row-attention-ab-cpu
 """
 
 from __future__ import annotations
@@ -22,21 +25,34 @@ from speed import _quartiles, _seconds, training_steps
 
 from recbole_darec.model import backbone
 
-SETTINGS = {"float32 short rows": backbone.CPU_FLOAT32_ATTENTION_BELOW, "all bf16": 0}
+PRODUCTS, THRESHOLD = backbone._attention_as_products, backbone.CPU_PRODUCT_ATTENTION_BELOW
+
+
+def float32_kernel(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = None if attention_mask is None else attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast SDPA's inputs back to bf16
+        output, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
+    return output.bfloat16()
+
+
+SETTINGS = {"products (now)": (PRODUCTS, THRESHOLD), "SDPA kernel, float32 (0b711f7)": (float32_kernel, THRESHOLD),
+            "SDPA kernel, bf16": (PRODUCTS, 0)}
 
 
 def ab_rows(model_name: str, dataset: str, config_dict: dict, steps: int) -> dict:
     built = training_steps(model_name, dataset, config_dict)
     if not built.model.llm_bf16:
-        raise SystemExit(f"{model_name}: llm_bf16 is off on this machine, so both settings run float32")
+        raise SystemExit(f"{model_name}: llm_bf16 is off on this machine, so every setting runs float32")
     runs = {"darec": built.darec_step, **built.plain_steps}
     seconds = {setting: {name: [] for name in runs} for setting in SETTINGS}
     for _ in range(steps + 1):  # the first round warms up
-        for setting, threshold in SETTINGS.items():
-            backbone.CPU_FLOAT32_ATTENTION_BELOW = threshold
+        for setting, (short_rows, threshold) in SETTINGS.items():
+            backbone._attention_as_products, backbone.CPU_PRODUCT_ATTENTION_BELOW = short_rows, threshold
             for name, run in runs.items():
                 seconds[setting][name].append(_seconds(run))
-    backbone.CPU_FLOAT32_ATTENTION_BELOW = SETTINGS["float32 short rows"]
+    backbone._attention_as_products, backbone.CPU_PRODUCT_ATTENTION_BELOW = PRODUCTS, THRESHOLD
     return {setting: {name: values[1:] for name, values in per_run.items()} for setting, per_run in seconds.items()}
 
 
@@ -66,21 +82,20 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--models", default="DARec-tokens,DARec")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="folder for table.md and seconds.json")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv
     profile, results = load_profile(args.profile), {}
-    out_dir = (args.out or Path("float32-attention-ab")).resolve()
+    out_dir = args.out.resolve()
     for variant in args.models.split(","):
         model_name, settings = row_config(profile, variant, 2020, default_data_path(args.dataset), out_dir, {})
         results[variant] = ab_rows(model_name, args.dataset, settings, args.steps)
     text = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dataset}, profile {args.profile}; "
             f"medians of {args.steps} steps per setting, run in turns, quartiles in brackets\n\n{table(results)}\n")
     print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(text)
-        (args.out / "seconds.json").write_text(json.dumps(results, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text)
+    (args.out / "seconds.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
