@@ -6,7 +6,8 @@ rows shorter than the threshold run
 - as shipped: bf16 matrix products around a float32 softmax (``backbone._attention_as_products``);
 - through PyTorch's SDPA kernel in float32 (the path until commit 0b711f7);
 - through the SDPA kernel in bf16, as autocast runs it (threshold 0).
-Prints a markdown table of medians with quartiles; ``--out`` also writes it, with the raw seconds as JSON.
+It also times evaluation (``full_sort_predict`` over every test user, 3 passes) each way. Prints a markdown table of
+medians with quartiles; ``--out`` also writes it, with the raw seconds as JSON.
 
     OMP_NUM_THREADS=2 python benchmarks/short_row_attention_ab.py --dataset=amazon-scientific --profile=cpu \
         --models=DARec-tokens,DARec --out=benchmarks/results/short-row-attention-ab-cpu
@@ -48,17 +49,37 @@ def ab_rows(model_name: str, dataset: str, config_dict: dict, steps: int) -> dic
     runs = {"darec": built.darec_step, **built.plain_steps}
     seconds = {setting: {name: [] for name in runs} for setting in SETTINGS}
     for _ in range(steps + 1):  # the first round warms up
-        for setting, (short_rows, threshold) in SETTINGS.items():
-            backbone._attention_as_products, backbone.CPU_PRODUCT_ATTENTION_BELOW = short_rows, threshold
+        for setting, short_rows in SETTINGS.items():
+            use(*short_rows)
             for name, run in runs.items():
                 seconds[setting][name].append(_seconds(run))
-    backbone._attention_as_products, backbone.CPU_PRODUCT_ATTENTION_BELOW = PRODUCTS, THRESHOLD
-    return {setting: {name: values[1:] for name, values in per_run.items()} for setting, per_run in seconds.items()}
+    # Evaluation: full_sort_predict over every test user, batch by batch in turns, 3 passes after a warm-up batch.
+    model, batches = built.model.eval(), [batch[0] for batch in built.test_data]
+    eval_seconds = {setting: [] for setting in SETTINGS}
+    with torch.no_grad():
+        model.full_sort_predict(batches[0])  # builds the item vectors, once per evaluation
+        for _ in range(3):
+            totals = dict.fromkeys(SETTINGS, 0.0)
+            for batch in batches:
+                for setting, short_rows in SETTINGS.items():
+                    use(*short_rows)
+                    totals[setting] += _seconds(lambda b=batch: model.full_sort_predict(b))
+            for setting, total in totals.items():
+                eval_seconds[setting].append(total)
+    use(PRODUCTS, THRESHOLD)
+    users = sum(len(batch) for batch in batches)
+    return {setting: {**{name: values[1:] for name, values in per_run.items()},
+                      "eval_ms_per_user": [1000 * total / users for total in eval_seconds[setting]]}
+            for setting, per_run in seconds.items()}
+
+
+def use(short_rows, threshold: int) -> None:
+    backbone._attention_as_products, backbone.CPU_PRODUCT_ATTENTION_BELOW = short_rows, threshold
 
 
 def table(results: dict) -> str:
     lines = ["| model | setting | DARec step s | plain step s (histories) | ratio | plain every token s | "
-             "ratio, every token |", "|---|---|---|---|---|---|---|"]
+             "ratio, every token | eval ms/user |", "|---|---|---|---|---|---|---|---|"]
 
     def cell(values: list[float]) -> str:
         q1, median, q3 = _quartiles(values)
@@ -72,6 +93,7 @@ def table(results: dict) -> str:
                 cells += [cell(runs["plain_all"]), cell([d / p for d, p in zip(darec, runs["plain_all"])])]
             else:
                 cells += ["-", "-"]
+            cells.append(cell(runs["eval_ms_per_user"]))
             lines.append(f"| {model_name} | {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
