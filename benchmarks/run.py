@@ -131,14 +131,14 @@ def run_row(model: str, dataset: str, settings: dict, result_file: Path) -> None
     result_file.write_text(json.dumps(result, default=float, indent=1))
 
 
-def run_speed(model: str, dataset: str, settings: dict, result_file: Path) -> None:
+def run_speed(model: str, dataset: str, settings: dict, result_file: Path, steps_only: bool = False) -> None:
     from speed import measure  # benchmarks/ is sys.path[0] when this file runs as a script
 
     import recbole_darec  # noqa: F401  (compat first)
 
     sys.argv = sys.argv[:1]
-    result_file.write_text(json.dumps({**measure(model, dataset, settings), "code_version": row_code_version(model)},
-                                      indent=1))
+    figures = measure(model, dataset, settings, steps_only=steps_only)
+    result_file.write_text(json.dumps({**figures, "code_version": row_code_version(model)}, indent=1))
 
 
 def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
@@ -213,6 +213,8 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="also measure DARec's speed figures")
     parser.add_argument("--speed_only", action="store_true",
                         help="measure the speed figures of --models without training rows (writes speed.md)")
+    parser.add_argument("--steps_only", action="store_true",
+                        help="with --speed_only: the step ratio alone, no evaluation (the paper profile on a CPU)")
     parser.add_argument("--keep_stale_rows", action="store_true",
                         help="keep finished rows made by another code version (they are listed in the report)")
     parser.add_argument("--report_only", action="store_true",
@@ -227,7 +229,10 @@ def main() -> None:
     if args.child:
         kind, model, settings_file, result_file = args.child
         settings = json.loads(Path(settings_file).read_text())
-        (run_speed if kind == "speed" else run_row)(model, args.dataset, settings, Path(result_file))
+        if kind == "row":
+            run_row(model, args.dataset, settings, Path(result_file))
+        else:
+            run_speed(model, args.dataset, settings, Path(result_file), steps_only=kind == "speed-steps")
         return
 
     profile = load_profile(args.profile)
@@ -289,13 +294,16 @@ def main() -> None:
             if not model.startswith("DARec"):
                 continue
             speed_file = out_dir / "rows" / f"{variant}.speed.json"
-            code = row_code_version(model)
-            if speed_file.exists() and json.loads(speed_file.read_text()).get("code_version") != code:
-                print(f"== {variant} speed: measured with other code, measuring again", flush=True)
+            code, config_file = row_code_version(model), Path(f"{speed_file}.config")
+            same_config = config_file.exists() and json.loads(config_file.read_text()) == settings
+            if speed_file.exists() and (json.loads(speed_file.read_text()).get("code_version") != code
+                                        or not same_config):
+                print(f"== {variant} speed: measured with other code or settings, measuring again", flush=True)
                 speed_file.unlink()
             if not speed_file.exists():
-                Path(f"{speed_file}.config").write_text(json.dumps(settings))
-                subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", "speed", model,
+                config_file.write_text(json.dumps(settings))
+                kind = "speed-steps" if args.steps_only else "speed"
+                subprocess.run([sys.executable, __file__, "--dataset", args.dataset, "--child", kind, model,
                                 f"{speed_file}.config", str(speed_file)], cwd=out_dir, check=False)
             if speed_file.exists():
                 speed[variant] = json.loads(speed_file.read_text())
@@ -305,7 +313,8 @@ def main() -> None:
               f"{os.cpu_count()} CPU cores, {platform.python_version()}.\n"
               f"Command: python benchmarks/run.py --dataset={args.dataset} --models={args.models} "
               f"--profile={args.profile} --seeds={args.seeds}{' --speed' if args.speed else ''}"
-              f"{' --speed_only' if args.speed_only else ''}{' --keep_stale_rows' if args.keep_stale_rows else ''}"
+              f"{' --speed_only' if args.speed_only else ''}{' --steps_only' if args.steps_only else ''}"
+              f"{' --keep_stale_rows' if args.keep_stale_rows else ''}"
               + "".join(f" --set {item}" for item in args.set) + "\n"
               f"Code: {row_code_version('DARec')} (plugin models), {row_code_version('SASRec')} (RecBole models), "
               f"commit {git_commit()}.\n"
@@ -328,14 +337,18 @@ def main() -> None:
             low, high = s[f"{key}_iqr"]
             return f"{s[key]:.3f} [{low:.3f}-{high:.3f}]"
 
+        def number(s: dict, key: str, spec: str) -> str:  # "-" for a figure not measured (--steps_only)
+            return format(s[key], spec) if key in s else "-"
+
         for variant, s in speed.items():
             speed_text += (f"| {variant} | {s['batch_users']} | {s['batch_tokens']} | {spread(s, 'darec_step_s')} | "
                            f"{spread(s, 'plain_step_s')} | {spread(s, 'step_ratio')} | "
-                           f"{spread(s, 'step_ratio_plain_all')} | {s['item_cache_refresh_s']:.1f} | "
-                           f"{s['tokens_per_epoch_all_position']:,} | {s['tokens_per_epoch_per_prefix']:,} | "
-                           f"{s['eval_ms_per_user']:.2f} | {s.get('eval_ms_per_user_sasrec', float('nan')):.2f} | "
-                           f"{s.get('eval_ratio_to_sasrec', float('nan')):.2f} | "
-                           f"{s.get('eval_ms_per_user_sasrec_bf16', float('nan')):.2f} | {s.get('eval_bf16', '-')} |\n")
+                           f"{spread(s, 'step_ratio_plain_all')} | {number(s, 'item_cache_refresh_s', '.1f')} | "
+                           f"{number(s, 'tokens_per_epoch_all_position', ',')} | "
+                           f"{number(s, 'tokens_per_epoch_per_prefix', ',')} | "
+                           f"{number(s, 'eval_ms_per_user', '.2f')} | {number(s, 'eval_ms_per_user_sasrec', '.2f')} | "
+                           f"{number(s, 'eval_ratio_to_sasrec', '.2f')} | "
+                           f"{number(s, 'eval_ms_per_user_sasrec_bf16', '.2f')} | {s.get('eval_bf16', '-')} |\n")
     if args.speed_only:
         (out_dir / "speed.md").write_text(header + speed_text)
         print(header + speed_text)

@@ -106,7 +106,9 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
         sum(model.calculate_loss(batch)).backward()
 
     plain = load_backbone(config["llm_path"], config["llm_layers"], config["llm_random_config"]).model
-    plain.to(config["device"])
+    plain.to(config["device"]).train(model.training)  # DARec's LLM runs in train mode (dropout, checkpointing)
+    if config["gradient_checkpointing"]:  # like for like: the plain layers recompute in backward as DARec's do
+        plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     item_seq, item_len, target = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
     full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
     full_seq[torch.arange(len(item_len)), item_len] = target
@@ -158,10 +160,15 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
                          int(token_counts.sum()))
 
 
-def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20) -> dict:
+def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20, steps_only: bool = False) -> dict:
+    """Every figure of the module docstring; ``steps_only``: the step ratio alone (the paper profile on a CPU, where
+    one evaluation through 30 layers would take an hour)."""
     built = training_steps(model_name, dataset, config_dict)
     model, train_data, test_data = built.model, built.train_data, built.test_data
     timing = interleaved(built.darec_step, built.plain_steps, steps)
+    if steps_only:
+        return {"history_input": model.history_input, "batch_users": built.batch_users,
+                "batch_tokens": built.batch_tokens, **timing}
     # Token level: a full refresh of the training item cache; item level keeps no such cache.
     refresh_seconds = _timed(model.encode_all_items, 1) if model.history_input == "tokens" else 0.0
 

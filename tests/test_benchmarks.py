@@ -90,6 +90,21 @@ def test_run_writes_the_report_keeps_finished_rows_and_measures_speed(tmp_path, 
     assert json.loads(row_file.read_text())["code_version"] != "0123456789ab"
 
 
+def test_speed_steps_only_writes_the_step_figures_and_remeasures_when_settings_change(tmp_path, tiny_dataset):
+    profile, out = write_profile(tmp_path), tmp_path / "out"
+    args = ["--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile), "--out", str(out),
+            "--models", "DARec", "--speed_only", "--steps_only"]
+    run_script("run.py", *args, cwd=tmp_path)
+    speed = json.loads((out / "rows" / "DARec.speed.json").read_text())
+    assert speed["steps"] == 20 and speed["step_ratio_plain_all"] > 0 and "eval_ms_per_user" not in speed
+    report = (out / "speed.md").read_text()
+    assert "--steps_only" in report and "| DARec |" in report and "| - | - |" in report  # no eval figures
+    assert "measuring again" not in run_script("run.py", *args, cwd=tmp_path).stdout
+    done = run_script("run.py", *args, "--set", "train_batch_size=32", cwd=tmp_path)
+    assert "measured with other code or settings, measuring again" in done.stdout
+    assert json.loads((out / "rows" / "DARec.speed.json").read_text())["batch_users"] <= 32
+
+
 def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny_dataset):
     profile, out = write_profile(tmp_path), tmp_path / "out"
     run_script("search.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile),

@@ -349,3 +349,44 @@ def test_speed_benchmark_measures_the_item_level_step_against_the_same_packed_ro
     # attention with a float32 mask on a CPU, bf16 or not.
     expected = torch.bfloat16 if llm_bf16 and width >= CPU_PRODUCT_ATTENTION_BELOW else torch.float32
     assert mask_dtypes == {"plain": {expected}, "darec": {expected}}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_speed_steps_only_compares_with_a_plain_backbone_in_the_same_checkpointing(tmp_path, text_data, monkeypatch,
+                                                                                  checkpointing):
+    """``steps_only`` (the paper profile on a CPU) times the steps alone; with ``gradient_checkpointing`` the plain
+    backbone recomputes its layers in backward as DARec's do, so the ratio compares like with like."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import speed
+
+    layer_calls = {"plain": 0, "darec": 0}
+    load_backbone = speed.load_backbone
+
+    def counting_backbone(*args, **kwargs):
+        backbone = load_backbone(*args, **kwargs)
+
+        def count(*_):
+            layer_calls["plain"] += 1
+        sublayer_modules(backbone.layers[-1])[-1].register_forward_pre_hook(count)  # inside the checkpointed forward
+        return backbone
+
+    monkeypatch.setattr(speed, "load_backbone", counting_backbone)
+    build_model = speed.get_model
+
+    def counting_model(name):
+        def make(config, dataset):
+            model = build_model(name)(config, dataset)
+
+            def count(*_):
+                layer_calls["darec"] += 1
+            sublayer_modules(model.backbone.layers[-1])[-1].register_forward_pre_hook(count)
+            return model
+        return make
+
+    monkeypatch.setattr(speed, "get_model", counting_model)
+    settings = item_settings(tmp_path, text_data[0], gradient_checkpointing=checkpointing)
+    result = speed.measure("DARec", text_data[1], settings, steps=4, steps_only=True)
+    assert result["steps"] == 4 and result["step_ratio"] > 0 and "eval_ms_per_user" not in result
+    # One top-layer FFN pass per step (warm-up + 4), twice with checkpointing (the recompute in backward), both sides.
+    per_step = 2 if checkpointing else 1
+    assert layer_calls == {"plain": 5 * per_step, "darec": 5 * per_step}
