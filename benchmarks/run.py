@@ -296,9 +296,11 @@ def main() -> None:
             speed_file = out_dir / "rows" / f"{variant}.speed.json"
             code, config_file = row_code_version(model), Path(f"{speed_file}.config")
             same_config = config_file.exists() and json.loads(config_file.read_text()) == settings
-            if speed_file.exists() and (json.loads(speed_file.read_text()).get("code_version") != code
-                                        or not same_config):
-                print(f"== {variant} speed: measured with other code or settings, measuring again", flush=True)
+            measured = json.loads(speed_file.read_text()) if speed_file.exists() else None
+            if measured and (measured.get("code_version") != code or not same_config
+                             or not (args.steps_only or "eval_ms_per_user" in measured)):
+                print(f"== {variant} speed: measured with other code, settings or figures, measuring again",
+                      flush=True)
                 speed_file.unlink()
             if not speed_file.exists():
                 config_file.write_text(json.dumps(settings))

@@ -101,8 +101,12 @@ def test_speed_steps_only_writes_the_step_figures_and_remeasures_when_settings_c
     assert "--steps_only" in report and "| DARec |" in report and "| - | - |" in report  # no eval figures
     assert "measuring again" not in run_script("run.py", *args, cwd=tmp_path).stdout
     done = run_script("run.py", *args, "--set", "train_batch_size=32", cwd=tmp_path)
-    assert "measured with other code or settings, measuring again" in done.stdout
+    assert "measured with other code, settings or figures, measuring again" in done.stdout
     assert json.loads((out / "rows" / "DARec.speed.json").read_text())["batch_users"] <= 32
+    # A steps-only row does not stand in for the full figures.
+    done = run_script("run.py", *args[:-1], "--set", "train_batch_size=32", cwd=tmp_path)
+    assert "measuring again" in done.stdout
+    assert json.loads((out / "rows" / "DARec.speed.json").read_text())["eval_ms_per_user"] > 0
 
 
 def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny_dataset):
