@@ -80,6 +80,11 @@ def row_code_version(model: str) -> str:
     return code_version(plugin_models=(ROOT / "recbole_darec" / "model" / f"{model.lower()}.py").is_file())
 
 
+def same_settings(config_file: Path, settings: dict) -> bool:
+    """Whether ``config_file`` records exactly these settings (a row's or a speed measurement's)."""
+    return config_file.exists() and json.loads(config_file.read_text()) == settings
+
+
 def reusable(result_file: Path, same_config: bool, code: str, keep_stale: bool, name: str) -> bool:
     """A finished row is reused when its settings and code version are this run's; the output says so."""
     if not (result_file.exists() and same_config):
@@ -249,7 +254,7 @@ def main() -> None:
             model, settings = row_config(profile, variant, seed, data_path, out_dir, overrides)
             stem = out_dir / "rows" / f"{variant}-seed{seed}"
             config_file, result_file = Path(f"{stem}.config.json"), Path(f"{stem}.json")
-            same_config = config_file.exists() and json.loads(config_file.read_text()) == settings
+            same_config = same_settings(config_file, settings)
             code, commit = row_code_version(model), git_commit()  # the code this row runs, taken at its start
             if not reusable(result_file, same_config, code, args.keep_stale_rows, f"{variant} (seed {seed})"):
                 if args.report_only:
@@ -295,7 +300,7 @@ def main() -> None:
                 continue
             speed_file = out_dir / "rows" / f"{variant}.speed.json"
             code, config_file = row_code_version(model), Path(f"{speed_file}.config")
-            same_config = config_file.exists() and json.loads(config_file.read_text()) == settings
+            same_config = same_settings(config_file, settings)
             measured = json.loads(speed_file.read_text()) if speed_file.exists() else None
             if measured and (measured.get("code_version") != code or not same_config
                              or not (args.steps_only or "eval_ms_per_user" in measured)):

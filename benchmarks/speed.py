@@ -165,10 +165,10 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20, s
     one evaluation through 30 layers would take an hour)."""
     built = training_steps(model_name, dataset, config_dict)
     model, train_data, test_data = built.model, built.train_data, built.test_data
-    timing = interleaved(built.darec_step, built.plain_steps, steps)
+    figures = {"history_input": model.history_input, "batch_users": built.batch_users,
+               "batch_tokens": built.batch_tokens, **interleaved(built.darec_step, built.plain_steps, steps)}
     if steps_only:
-        return {"history_input": model.history_input, "batch_users": built.batch_users,
-                "batch_tokens": built.batch_tokens, **timing}
+        return figures
     # Token level: a full refresh of the training item cache; item level keeps no such cache.
     refresh_seconds = _timed(model.encode_all_items, 1) if model.history_input == "tokens" else 0.0
 
@@ -185,10 +185,7 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20, s
         item_seconds = _timed(encode_every_item, 1)
         eval_ms = evaluation_ms_per_user(model, train_data._dataset, test_data, config_dict)
     return {
-        "history_input": model.history_input,
-        "batch_users": built.batch_users,
-        "batch_tokens": built.batch_tokens,
-        **timing,
+        **figures,
         "item_cache_refresh_s": refresh_seconds,
         "tokens_per_epoch_all_position": all_position,
         "tokens_per_epoch_per_prefix": per_prefix,
