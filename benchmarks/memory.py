@@ -11,6 +11,14 @@ measured step) is the step's own. Prints a markdown table, the growth per doubli
 for the paper profile's batches of the dataset (64 users, their last 50 items at 33 tokens): histories padded to the
 batch's longest (before commit 2465e35's packing) and packed several to a row; writes ``--out`` (json).
 ``--from_json`` writes the report of an earlier measurement again, with the batches counted anew.
+
+    python benchmarks/memory.py --dataset=amazon-scientific --paper_step --rows 64
+
+``--paper_step`` measures instead of estimating: one whole training step (every loss, the batch's target items
+encoded with gradient, its slice of the item-cache refresh) of the paper profile's ``DARec-tokens`` row
+(``benchmarks/profiles/paper.yaml``: all layers, the last 50 items at 32 tokens, bf16 autocast), ``--rows`` users,
+on the training batch with the most LLM tokens; peak RSS on a CPU, CUDA's max allocated on a GPU. Checkpointing as
+``--settings`` says (default: ``sdpa+checkpointing``, the profile's).
 """
 
 from __future__ import annotations
@@ -25,11 +33,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from run import default_data_path  # noqa: E402
+from run import default_data_path, load_profile, parse_overrides, row_config  # noqa: E402
 
 SETTINGS = {
-    "eager": {"attention": "eager"},
-    "sdpa": {"attention": "sdpa"},
+    "eager": {"attention": "eager", "gradient_checkpointing": False},
+    "sdpa": {"attention": "sdpa", "gradient_checkpointing": False},
     "sdpa+checkpointing": {"attention": "sdpa", "gradient_checkpointing": True},
 }
 ITEM_TOKENS = 33  # 32 text tokens + [ITEM], as in the paper profile
@@ -82,6 +90,69 @@ def measure_child(args) -> list[dict]:
     return rows
 
 
+def measure_paper_step(args) -> dict:
+    import torch
+
+    from recbole_darec.config import Config
+    from recbole_darec.data import load_data
+    from recbole_darec.model.layout import pack_sequences
+    from recbole_darec.utils import build_model
+
+    torch.set_num_threads(args.threads)
+    overrides = {"item_text_cache_dir": args.cache_dir, "state": "WARNING", "train_batch_size": args.rows,
+                 **SETTINGS[args.setting], **parse_overrides(args.set)}
+    model_name, settings = row_config(load_profile("paper"), "DARec-tokens", 2020, args.data_path,
+                                      ROOT / "saved" / "memory-paper-step", overrides)
+    config = Config(model=model_name, dataset=args.dataset, config_dict=settings)
+    _, train_data, _, _ = load_data(config)
+    model = build_model(config, train_data._dataset)
+    model.train()
+
+    def full_sequence(batch) -> tuple[torch.Tensor, torch.Tensor]:  # history + target, as calculate_loss builds it
+        item_len = batch[model.ITEM_SEQ_LEN]
+        full_seq = torch.cat([batch[model.ITEM_SEQ], torch.zeros_like(batch[model.ITEM_SEQ][:, :1])], dim=1)
+        full_seq[torch.arange(len(item_len)), item_len] = batch[model.POS_ITEM_ID]
+        return full_seq, item_len + 1
+
+    def history_tokens(batch) -> int:
+        packed = pack_sequences(*full_sequence(batch), model.item_token_ids, model.item_token_len, model.special)
+        return int((packed.block_ids >= 0).sum())
+
+    largest = max(train_data, key=history_tokens)  # one epoch's batches, in the loader's order
+    target_items = len(torch.unique(model._next_positions(*full_sequence(largest))[1]))  # encoded afresh
+    batch = largest.to(config["device"])
+    cuda = config["device"].type == "cuda"
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        sum(model.calculate_loss(batch)).backward()
+
+    start = time.perf_counter()
+    step()  # warm-up: fills the item cache (a run's first step, once) and the one-off allocations
+    warm_up_s = time.perf_counter() - start
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _rss_mb("VmRSS:")
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        total = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        total = _rss_mb("VmHWM:")
+    return {"setting": args.setting, "device": str(config["device"]), "layers": len(model.backbone.layers),
+            "rows": len(batch[model.ITEM_SEQ_LEN]), "history_tokens": history_tokens(largest),
+            "target_items": target_items, "llm_bf16": model.llm_bf16, "peak_mb": round(total - before, 1),
+            "peak_total_mb": round(total, 1), "step_s": round(time.perf_counter() - start, 2),
+            "warm_up_s": round(warm_up_s, 1),
+            "measure": "CUDA max allocated" if cuda else "RSS (VmHWM)"}
+
+
 def paper_batch_tokens(dataset: str, data_path: str, cache_dir: str, batches: int = 200) -> dict:
     """LLM tokens of the paper profile's training batches on ``dataset`` (``PAPER`` users, their last ``PAPER['items']``
     items at ``ITEM_TOKENS`` tokens): padded (rows x the batch's longest history) and packed (the histories' own
@@ -121,19 +192,30 @@ def main() -> None:
     parser.add_argument("--dataset", default="amazon-scientific")
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 1024, 2048], help="tokens per row")
-    parser.add_argument("--rows", type=int, default=4, help="rows per batch")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="rows per batch (default 4); --paper_step: users per batch (default 64, the paper's)")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4],
                         help="backbone depths (the table: the first; the per-layer cost: the difference)")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=None,
+                        help=f"comma-separated, of {', '.join(SETTINGS)} (default: all; --paper_step: the last)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory-cpu.json"))
+    parser.add_argument("--out", default=None, help="json file (default benchmarks/results/memory-cpu.json; "
+                        "--paper_step: memory-paper-step-<device>.json)")
     parser.add_argument("--cache_dir", default=str(ROOT / "saved" / "item_text_cache"))
     parser.add_argument("--from_json", help="report the rows of this earlier --out file again; measure nothing")
+    parser.add_argument("--paper_step", action="store_true",
+                        help="one whole training step of the paper profile's DARec-tokens, measured")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--paper_step: override a setting of the row (yaml value), e.g. --set llm_path=...")
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # a child process: one setting, one depth
     args = parser.parse_args()
     args.data_path = args.data_path or default_data_path(args.dataset)
+    args.rows = args.rows or (PAPER["rows"] if args.paper_step else 4)
+    settings = (args.settings or ("sdpa+checkpointing" if args.paper_step else ",".join(SETTINGS))).split(",")
+    if unknown := set(settings) - set(SETTINGS):
+        raise SystemExit(f"--settings: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(SETTINGS)}")
     if args.setting:
-        print("ROWS " + json.dumps(measure_child(args)))
+        print("ROWS " + json.dumps([measure_paper_step(args)] if args.paper_step else measure_child(args)))
         return
     if args.from_json:
         earlier = json.loads(Path(args.from_json).read_text())
@@ -144,23 +226,45 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536",
            "OMP_NUM_THREADS": str(args.threads)}
     rows = []
-    for layers in args.layers:
-        for setting in args.settings.split(","):
+    for layers in [None] if args.paper_step else args.layers:
+        for setting in settings:
             command = [sys.executable, __file__, f"--dataset={args.dataset}", f"--data_path={args.data_path}",
-                       f"--rows={args.rows}", f"--layers={layers}", f"--setting={setting}",
-                       f"--threads={args.threads}", f"--cache_dir={args.cache_dir}", "--tokens",
-                       *map(str, args.tokens)]
+                       f"--rows={args.rows}", f"--setting={setting}", f"--threads={args.threads}",
+                       f"--cache_dir={args.cache_dir}"]
+            if args.paper_step:
+                command += ["--paper_step", *(f"--set={item}" for item in args.set)]
+            else:
+                command += [f"--layers={layers}", "--tokens", *map(str, args.tokens)]
             child = subprocess.run(command, env=env, capture_output=True, text=True)
             if child.returncode:
-                raise SystemExit(f"{setting}, {layers} layers failed:\n{child.stderr[-3000:]}")
+                raise SystemExit(f"{setting}, {layers or 'all'} layers failed:\n{child.stderr[-3000:]}")
             output = child.stdout
             rows += json.loads(next(line[5:] for line in output.splitlines() if line.startswith("ROWS ")))
-            print(f"done: {setting}, {layers} layers", file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    batch = paper_batch_tokens(args.dataset, args.data_path, args.cache_dir)
-    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "paper_batch_tokens": batch},
-                                         indent=1) + "\n")
-    print(report(rows, args.layers, batch))
+            print(f"done: {setting}, {layers or 'all'} layers", file=sys.stderr)
+    if args.paper_step:
+        out = Path(args.out or ROOT / "benchmarks" / "results" / f"memory-paper-step-{rows[0]['device']}.json")
+        record = {"command": " ".join(sys.argv), "rows": rows}
+        text = paper_step_report(rows)
+    else:
+        out = Path(args.out or ROOT / "benchmarks" / "results" / "memory-cpu.json")
+        batch = paper_batch_tokens(args.dataset, args.data_path, args.cache_dir)
+        record = {"command": " ".join(sys.argv), "rows": rows, "paper_batch_tokens": batch}
+        text = report(rows, args.layers, batch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(text)
+
+
+def paper_step_report(rows: list[dict]) -> str:
+    lines = ["One training step of the paper profile's DARec-tokens (benchmarks/profiles/paper.yaml) on the training "
+             "batch with the most history tokens; peak memory of the step above the state before it, and in all:", "",
+             "| setting | device | layers | users | history tokens | target items | bf16 | peak above | peak in all "
+             "| measure | step s |", "|---" * 11 + "|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['device']} | {r['layers']} | {r['rows']} | {r['history_tokens']:,} | "
+                     f"{r['target_items']} | {r['llm_bf16']} | {r['peak_mb'] / 1024:.2f} GB | "
+                     f"{r['peak_total_mb'] / 1024:.2f} GB | {r['measure']} | {r['step_s']:.1f} |")
+    return "\n".join(lines)
 
 
 def report(rows: list[dict], depths: list[int], batch: dict) -> str:

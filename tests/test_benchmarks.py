@@ -109,6 +109,24 @@ def test_speed_steps_only_writes_the_step_figures_and_remeasures_when_settings_c
     assert json.loads((out / "rows" / "DARec.speed.json").read_text())["eval_ms_per_user"] > 0
 
 
+def test_memory_paper_step_measures_one_step_of_the_paper_row_on_its_largest_batch(tmp_path, tiny_dataset):
+    tiny = {key: DAREC_TINY[key] for key in ("llm_path", "llm_random_config", "item_max_tokens",
+                                             "MAX_ITEM_LIST_LENGTH", "rec_dim", "adapter_size", "hard_negatives")}
+    out = tmp_path / "paper-step.json"
+    done = run_script("memory.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--paper_step",
+                      "--rows", "16", "--settings", "sdpa,sdpa+checkpointing", "--cache_dir", str(tmp_path / "cache"),
+                      "--out", str(out), *(f"--set={key}={json.dumps(value)}" for key, value in tiny.items()),
+                      cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["setting"] for row in rows] == ["sdpa", "sdpa+checkpointing"]
+    for row in rows:  # the paper row's settings, the tiny backbone's depth, the batch size asked for
+        assert row["layers"] == 2 and row["rows"] == 16 and row["llm_bf16"] is True
+        assert row["peak_total_mb"] > row["peak_mb"] > 0 and row["measure"] == "RSS (VmHWM)"
+        assert row["target_items"] > 0 and row["history_tokens"] >= 16 * 2  # 16 users, 2 or more items each
+    assert rows[0]["history_tokens"] == rows[1]["history_tokens"]  # the same batch for both settings
+    assert "| sdpa+checkpointing | cpu | 2 | 16 |" in done.stdout
+
+
 def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny_dataset):
     profile, out = write_profile(tmp_path), tmp_path / "out"
     run_script("search.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile),
