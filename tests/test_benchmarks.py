@@ -125,6 +125,8 @@ def test_memory_paper_step_measures_one_step_of_the_paper_row_on_its_largest_bat
         assert row["target_items"] > 0 and row["history_tokens"] >= 16 * 2  # 16 users, 2 or more items each
     assert rows[0]["history_tokens"] == rows[1]["history_tokens"]  # the same batch for both settings
     assert "| sdpa+checkpointing | cpu | 2 | 16 |" in done.stdout
+    again = run_script("memory.py", "--from_json", str(out), cwd=tmp_path)  # the report again, nothing measured
+    assert again.stdout.strip() == done.stdout.strip()
 
 
 def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny_dataset):
