@@ -127,30 +127,32 @@ def measure_paper_step(args) -> dict:
         model.zero_grad(set_to_none=True)
         sum(model.calculate_loss(batch)).backward()
 
-    start = time.perf_counter()
-    step()  # warm-up: fills the item cache (a run's first step, once) and the one-off allocations
-    warm_up_s = time.perf_counter() - start
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        before = _rss_mb("VmRSS:")
-    start = time.perf_counter()
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-        total = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        total = _rss_mb("VmHWM:")
-    return {"setting": args.setting, "device": str(config["device"]), "layers": len(model.backbone.layers),
-            "rows": len(batch[model.ITEM_SEQ_LEN]), "history_tokens": history_tokens(largest),
-            "target_items": target_items, "llm_bf16": model.llm_bf16, "peak_mb": round(total - before, 1),
-            "peak_total_mb": round(total, 1), "step_s": round(time.perf_counter() - start, 2),
-            "warm_up_s": round(warm_up_s, 1),
-            "measure": "CUDA max allocated" if cuda else "RSS (VmHWM)"}
+    row = {"setting": args.setting, "device": str(config["device"]), "layers": len(model.backbone.layers),
+           "rows": len(batch[model.ITEM_SEQ_LEN]), "history_tokens": history_tokens(largest),
+           "target_items": target_items, "llm_bf16": model.llm_bf16,
+           "measure": "CUDA max allocated" if cuda else "RSS (VmHWM)"}
+    try:
+        start = time.perf_counter()
+        step()  # warm-up: fills the item cache (a run's first step, once) and the one-off allocations
+        row["warm_up_s"] = round(time.perf_counter() - start, 1)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() / 2**20
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            before = _rss_mb("VmRSS:")
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        row["step_s"] = round(time.perf_counter() - start, 2)
+    except torch.cuda.OutOfMemoryError:  # a result, not a failure: the step does not fit this device
+        row["out_of_memory_mb"] = round(torch.cuda.get_device_properties(config["device"]).total_memory / 2**20)
+        return row
+    total = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM:")
+    return {**row, "peak_mb": round(total - before, 1), "peak_total_mb": round(total, 1)}
 
 
 def paper_batch_tokens(dataset: str, data_path: str, cache_dir: str, batches: int = 200) -> dict:
@@ -264,9 +266,13 @@ def paper_step_report(rows: list[dict]) -> str:
              "| setting | device | layers | users | history tokens | target items | bf16 | peak above | peak in all "
              "| measure | step s, with glibc's mmap threshold fixed (not a speed figure) |", "|---" * 11 + "|"]
     for r in rows:
+        if "out_of_memory_mb" in r:
+            peaks = f"out of memory | over {r['out_of_memory_mb'] / 1024:.0f} GB | {r['measure']} | -"
+        else:
+            peaks = (f"{r['peak_mb'] / 1024:.2f} GB | {r['peak_total_mb'] / 1024:.2f} GB | {r['measure']} | "
+                     f"{r['step_s']:.1f}")
         lines.append(f"| {r['setting']} | {r['device']} | {r['layers']} | {r['rows']} | {r['history_tokens']:,} | "
-                     f"{r['target_items']} | {r['llm_bf16']} | {r['peak_mb'] / 1024:.2f} GB | "
-                     f"{r['peak_total_mb'] / 1024:.2f} GB | {r['measure']} | {r['step_s']:.1f} |")
+                     f"{r['target_items']} | {r['llm_bf16']} | {peaks} |")
     return "\n".join(lines)
 
 
