@@ -17,7 +17,7 @@ batch's longest (before commit 2465e35's packing) and packed several to a row; w
 ``--paper_step`` measures instead of estimating: one whole training step (every loss, the batch's target items
 encoded with gradient, its slice of the item-cache refresh) of the paper profile's ``DARec-tokens`` row
 (``benchmarks/profiles/paper.yaml``: all layers, the last 50 items at 32 tokens, bf16 autocast), ``--rows`` users,
-on the training batch with the most LLM tokens; peak RSS on a CPU, CUDA's max allocated on a GPU. Checkpointing as
+on the training batch with the most history tokens; peak RSS on a CPU, CUDA's max allocated on a GPU. Checkpointing as
 ``--settings`` says (default: ``sdpa+checkpointing``, the profile's).
 """
 
