@@ -92,6 +92,7 @@ def measure_child(args) -> list[dict]:
 
 def measure_paper_step(args) -> dict:
     import torch
+    from speed import full_sequence
 
     from recbole_darec.config import Config
     from recbole_darec.data import load_data
@@ -108,18 +109,13 @@ def measure_paper_step(args) -> dict:
     model = build_model(config, train_data._dataset)
     model.train()
 
-    def full_sequence(batch) -> tuple[torch.Tensor, torch.Tensor]:  # history + target, as calculate_loss builds it
-        item_len = batch[model.ITEM_SEQ_LEN]
-        full_seq = torch.cat([batch[model.ITEM_SEQ], torch.zeros_like(batch[model.ITEM_SEQ][:, :1])], dim=1)
-        full_seq[torch.arange(len(item_len)), item_len] = batch[model.POS_ITEM_ID]
-        return full_seq, item_len + 1
-
     def history_tokens(batch) -> int:
-        packed = pack_sequences(*full_sequence(batch), model.item_token_ids, model.item_token_len, model.special)
+        packed = pack_sequences(*full_sequence(model, batch), model.item_token_ids, model.item_token_len,
+                                model.special)
         return int((packed.block_ids >= 0).sum())
 
-    largest = max(train_data, key=history_tokens)  # one epoch's batches, in the loader's order
-    target_items = len(torch.unique(model._next_positions(*full_sequence(largest))[1]))  # encoded afresh
+    tokens, largest = max(((history_tokens(batch), batch) for batch in train_data), key=lambda pair: pair[0])
+    target_items = len(torch.unique(model._next_positions(*full_sequence(model, largest))[1]))  # encoded afresh
     batch = largest.to(config["device"])
     cuda = config["device"].type == "cuda"
 
@@ -128,7 +124,7 @@ def measure_paper_step(args) -> dict:
         sum(model.calculate_loss(batch)).backward()
 
     row = {"setting": args.setting, "device": str(config["device"]), "layers": len(model.backbone.layers),
-           "rows": len(batch[model.ITEM_SEQ_LEN]), "history_tokens": history_tokens(largest),
+           "rows": len(batch[model.ITEM_SEQ_LEN]), "history_tokens": tokens,
            "target_items": target_items, "llm_bf16": model.llm_bf16,
            "measure": "CUDA max allocated" if cuda else "RSS (VmHWM)"}
     try:

@@ -94,6 +94,15 @@ class TrainingSteps:
     batch_tokens: int
 
 
+def full_sequence(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch's histories with their target item appended, as ``DARec.calculate_loss`` builds them: items
+    (B, L+1) and lengths (B,)."""
+    item_seq, item_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
+    full_seq[torch.arange(len(item_len)), item_len] = batch[model.POS_ITEM_ID]
+    return full_seq, item_len + 1
+
+
 def training_steps(model_name: str, dataset: str, config_dict: dict) -> TrainingSteps:
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
     _, train_data, _, test_data = load_data(config)
@@ -109,9 +118,7 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
     plain.to(config["device"]).train(model.training)  # DARec's LLM runs in train mode (dropout, checkpointing)
     if config["gradient_checkpointing"]:  # like for like: the plain layers recompute in backward as DARec's do
         plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    item_seq, item_len, target = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
-    full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
-    full_seq[torch.arange(len(item_len)), item_len] = target
+    full_seq, full_len = full_sequence(model, batch)
 
     def plain_pass(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                    backward: bool = True) -> None:
@@ -126,11 +133,11 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
     if model.history_input == "items":
         # The same work without DARec: the top layers over the batch's item states, one vector per item.
         drop_lower_layers(plain, model.n_item_layers)
-        full_seq = full_seq[:, : int(item_len.max()) + 1]
-        first = model.first_token_state.expand(len(item_len), 1, -1)
-        embeds, token_counts = torch.cat([first, model.item_text_states[full_seq]], dim=1), 2 + item_len
+        full_seq = full_seq[:, : int(full_len.max())]
+        first = model.first_token_state.expand(len(full_len), 1, -1)
+        embeds, token_counts = torch.cat([first, model.item_text_states[full_seq]], dim=1), 1 + full_len
     else:
-        packed = pack_sequences(full_seq, item_len + 1, model.item_token_ids, model.item_token_len, model.special)
+        packed = pack_sequences(full_seq, full_len, model.item_token_ids, model.item_token_len, model.special)
         embeds, token_counts = model._embed(packed.input_ids), (packed.block_ids >= 0).sum(1)
     # Histories packed into the rows DARec runs (several to a row, each seeing only itself), causal within each.
     rows = pack_rows(token_counts, embeds.shape[1], darec_module.PACKED_ROW_TOKENS, multiple=model.pad_tokens_to)
@@ -141,7 +148,7 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
     if model.history_input == "tokens":
         # Every token a token-level step runs through the LLM: the histories, the batch's target items alone (with
         # gradient) and the slice of the item-cache refresh (without).
-        _, next_items = model._next_positions(full_seq, item_len + 1)
+        _, next_items = model._next_positions(full_seq, full_len)
         fresh = torch.unique(next_items)[: model.fresh_items_per_step or None]
         per_step = -(-(model.n_items - 1) // model.item_cache.refresh_every)
         refreshed = torch.arange(1, per_step + 1, device=fresh.device)
@@ -156,7 +163,7 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
             plain_pass(*item_inputs[1], backward=False)
 
         plain_steps["plain_all"] = plain_every_token
-    return TrainingSteps(model, train_data, test_data, darec_step, plain_steps, len(item_len),
+    return TrainingSteps(model, train_data, test_data, darec_step, plain_steps, len(full_len),
                          int(token_counts.sum()))
 
 
