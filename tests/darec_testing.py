@@ -24,6 +24,8 @@ DAREC_TEST_FIXTURES = pytest.mark.usefixtures("one_thread", "isolated_run")
 # A backbone small enough that one epoch on the tiny fixture takes about a second on a slow CPU.
 TINY_LLM = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn": 64}
 BACKBONES = ("random:llama", "random:opt")
+# DARec (the default layout) on TINY_LLM: one layer reads items, one the history.
+ITEM_LAYOUT = {"sequence_layers": 1, "whiten_dim": 16}
 
 
 def quick_run_settings(tmp_path: Path) -> dict:
@@ -47,8 +49,6 @@ def darec_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
         "data_path": data_path,
         "llm_path": "random:llama",
         "llm_random_config": dict(TINY_LLM),
-        # The token-level layout (the paper's); tests of the item-level mode (the default) set it themselves.
-        "history_input": "tokens",
         "item_max_tokens": 8,
         "MAX_ITEM_LIST_LENGTH": 6,
         "item_text_cache_dir": str(tmp_path / "item_text_cache"),

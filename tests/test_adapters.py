@@ -127,7 +127,7 @@ def text_dataset(tmp_path_factory):
 def make_model(text_dataset, llm_path: str, **overrides):
     root, data_path, name = text_dataset
     settings = darec_settings(root, data_path, llm_path=llm_path, **overrides)
-    _, model, train_data, _, _ = build("DARec", name, settings)
+    _, model, train_data, _, _ = build("DARecTokens", name, settings)
     return model.eval(), train_data
 
 

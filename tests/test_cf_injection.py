@@ -21,7 +21,7 @@ from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.data.cf_view import CFTrainingView
 from recbole_darec.model.cf_injection import CF_VECTOR_READERS
-from recbole_darec.model.darec import DARec
+from recbole_darec.model.darectokens import DARecTokens
 from recbole_darec.quick_start import run_darec
 
 TINY_LLM = {
@@ -31,7 +31,6 @@ TINY_LLM = {
     "rec_dim": 32,
     "adapter_size": 8,
     # Injection at [CF_USER] and [ITEM] tokens is the token-level layout's; test_item_level.py covers the other.
-    "history_input": "tokens",
 }
 
 
@@ -49,17 +48,17 @@ class Prepared:
             "item_text_cache_dir": str(root / "item_text_cache"),
             **TINY_LLM,
         }
-        config = Config(model="DARec", dataset=self.name, config_dict=self.config_dict)
+        config = Config(model="DARecTokens", dataset=self.name, config_dict=self.config_dict)
         self.dataset, train_data, _, _ = load_data(config)
         self.train = train_data._dataset
         self.raw = raw_sequences(Path(self.data_path) / self.name / f"{self.name}.inter")
 
-    def model(self, **overrides) -> DARec:
-        config = Config(model="DARec", dataset=self.name, config_dict={**self.config_dict, **overrides})
+    def model(self, **overrides) -> DARecTokens:
+        config = Config(model="DARecTokens", dataset=self.name, config_dict={**self.config_dict, **overrides})
         # Built here without .to(device), so on CPU: a CUDA config would put LightGCN's graph on the GPU.
         config["device"] = torch.device("cpu")
         init_seed(config["seed"], True)
-        return DARec(config, self.train)
+        return DARecTokens(config, self.train)
 
 
 def raw_sequences(inter_file: Path) -> dict[str, list[str]]:
@@ -120,7 +119,7 @@ def test_cf_model_sees_exactly_the_training_split(prepared):
 
 def test_training_pairs_are_complete_when_sequences_are_truncated(prepared):
     # A user's single training row keeps at most MAX_ITEM_LIST_LENGTH items; the CF pairs must not lose the rest.
-    config = Config(model="DARec", dataset=prepared.name, config_dict={**prepared.config_dict,
+    config = Config(model="DARecTokens", dataset=prepared.name, config_dict={**prepared.config_dict,
                                                                       "MAX_ITEM_LIST_LENGTH": 3})
     _, train_data, _, _ = load_data(config)
     train = train_data._dataset
@@ -135,7 +134,7 @@ def test_training_pairs_are_complete_when_sequences_are_truncated(prepared):
 # ---------------------------------------------------------------- which CF model, which parameters
 
 
-def cf_parameters(model: DARec) -> dict[str, tuple[int, ...]]:
+def cf_parameters(model: DARecTokens) -> dict[str, tuple[int, ...]]:
     return {name.removeprefix("cf_injection.cf_model."): tuple(p.shape) for name, p in model.named_parameters()
             if name.startswith("cf_injection.cf_model.")}
 
@@ -159,7 +158,7 @@ def test_switching_cf_model_changes_the_parameter_set(prepared):
     assert {"user_mf_embedding.weight", "item_mlp_embedding.weight", "predict_layer.weight"} <= set(
         cf_parameters(models["NeuMF"]))
 
-    def count(model: DARec) -> int:
+    def count(model: DARecTokens) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     hidden = 32
@@ -279,7 +278,7 @@ def test_no_future_leakage_with_injection_on(prepared, cf_model, context_masking
 @pytest.mark.parametrize("cf_model", ["BPR", "LightGCN"])
 def test_darec_trains_jointly_with_cf_model(isolated_run, prepared, cf_model):
     config = {**prepared.config_dict, "checkpoint_dir": str(isolated_run / "saved"), "cf_model": cf_model}
-    result = run_darec(model="DARec", dataset=prepared.name, config_dict=config)
+    result = run_darec(model="DARecTokens", dataset=prepared.name, config_dict=config)
     assert_protocol_metrics(result["best_valid_result"])
     assert_protocol_metrics(result["test_result"])
     state = load_trusted_checkpoint(result["saved_model_file"], "cpu")["state_dict"]
@@ -296,7 +295,7 @@ def test_cf_checkpoint_loads_and_stays_frozen(isolated_run, prepared):
     # Frozen: one DARec epoch leaves every CF weight bit-identical; the projections around it train.
     frozen = {**base, "cf_model": "BPR", "cf_checkpoint": bpr["saved_model_file"],
               "cf_trainable": False}
-    result = run_darec(model="DARec", dataset=prepared.name, config_dict=frozen)
+    result = run_darec(model="DARecTokens", dataset=prepared.name, config_dict=frozen)
     assert_protocol_metrics(result["test_result"])
     darec_state = load_trusted_checkpoint(result["saved_model_file"], "cpu")["state_dict"]
     for key, value in bpr_state.items():

@@ -21,7 +21,7 @@ pytestmark = DAREC_TEST_FIXTURES
 
 
 def test_items_encoded_once_per_evaluation(tmp_path, text_data):
-    config, model, train_data, valid_data, _ = build("DARec", text_data[1], settings_for(
+    config, model, train_data, valid_data, _ = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, eval_batch_size=8))
     trainer = trainer_for(config, model)
     counts = {"encode_all_items": 0, "full_sort_predict": 0}
@@ -43,7 +43,7 @@ def test_items_encoded_once_per_evaluation(tmp_path, text_data):
 def test_evaluation_sees_an_architecture_set_in_eval_mode(tmp_path, text_data):
     # The architecture search sets an architecture and evaluates, without a training step in between: the
     # evaluation must encode items with that architecture, not reuse the vectors of the previous one.
-    config, model, train_data, valid_data, _ = build("DARec", text_data[1], settings_for(
+    config, model, train_data, valid_data, _ = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, supernet=True, adapter_arch=None))
     with torch.no_grad():
         for name, param in model.adapters.named_parameters():
@@ -56,12 +56,12 @@ def test_evaluation_sees_an_architecture_set_in_eval_mode(tmp_path, text_data):
     trainer.evaluate(valid_data, load_best_model=False)
     assert [layer.router.choice for layer in model.adapters] == [PARALLEL, PARALLEL]
     with torch.no_grad():
-        expected = model.item_vectors(model._text_features(model.encode_all_items()))
-    torch.testing.assert_close(model._all_item_vectors(), expected)
+        expected = model.item_vectors(model.encode_all_items())
+    torch.testing.assert_close(model.all_item_vectors(), expected)
 
 
 def test_training_item_cache_rolls_over_every_item_in_n_steps(tmp_path, text_data):
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data,
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data,
                                                                           item_cache_refresh=4))
     encoded = []
     original = model.encode_all_items
@@ -88,13 +88,16 @@ def test_training_item_cache_rolls_over_every_item_in_n_steps(tmp_path, text_dat
 
 
 def test_state_standardisation_is_fixed_by_the_first_full_encoding(tmp_path, text_data):
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data))
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data))
     first = model.encode_all_items()
+    assert not bool(model.state_stats_ready)  # encoding is free of side effects ...
+    model.freeze_state_statistics()  # ... the statistics are fixed by an explicit step
     mean, std = model.state_mean.clone(), model.state_std.clone()
     assert torch.allclose(mean, first[1:].mean(0)) and bool(model.state_stats_ready)
     with torch.no_grad():
         for adapter in model.adapters.parameters():
             adapter.add_(0.5)  # the states change ...
     assert not torch.allclose(model.encode_all_items()[1:].mean(0), mean)
+    model.freeze_state_statistics()
     assert torch.equal(model.state_mean, mean) and torch.equal(model.state_std, std)  # ... the statistics do not
     assert "state_mean" in model.state_dict() and "state_stats_ready" in model.state_dict()

@@ -31,7 +31,8 @@ pytestmark = DAREC_TEST_FIXTURES
 
 
 def test_gradients_reach_only_trainable_parts(tmp_path, text_data):
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data, adapter_arch="sp"))
+    settings = settings_for(tmp_path, text_data, adapter_arch="sp")
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings)
     model.train()
     sum(model.calculate_loss(first_batch(train_data))).backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
@@ -48,15 +49,15 @@ def test_gradients_reach_only_trainable_parts(tmp_path, text_data):
 
 def test_trainable_parameter_report(tmp_path, text_data, caplog):
     with caplog.at_level(logging.INFO):
-        _, model, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data))
+        _, model, *_ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert 0 < trainable < total
-    assert f"DARec parameters: trainable {trainable:,} / total {total:,}" in caplog.text
+    assert f"DARecTokens parameters: trainable {trainable:,} / total {total:,}" in caplog.text
 
 
 def test_backbone_bit_identical_after_training_and_checkpoint_round_trip(tmp_path, text_data):
-    config, model, train_data, valid_data, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data,
+    config, model, train_data, valid_data, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data,
                                                                                         epochs=2))
     backbone_before = clone_state(model.llm)
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -88,8 +89,8 @@ def test_backbone_bit_identical_after_training_and_checkpoint_round_trip(tmp_pat
 
 
 def test_checkpoint_from_another_setting_is_refused(tmp_path, text_data):
-    config, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data,
+    config, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data,
                                                                                 adapter_arch="s"))
-    other_config, other, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data, adapter_arch="p"))
+    other_config, other, *_ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, adapter_arch="p"))
     with pytest.raises(RuntimeError, match="same settings"):
         other.load_state_dict(model.state_dict())

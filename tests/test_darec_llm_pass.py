@@ -12,9 +12,9 @@ import pytest
 import torch
 from darec_testing import BACKBONES, DAREC_TEST_FIXTURES, build, first_batch, settings_for
 
-from recbole_darec.model import backbone
-from recbole_darec.model import darec as darec_module
-from recbole_darec.model.backbone import ATTN_IMPLEMENTATION, CPU_PRODUCT_ATTENTION_BELOW, _sdpa_attention
+from recbole_darec.model import attention as attention_module
+from recbole_darec.model import darec_core
+from recbole_darec.model.attention import ATTN_IMPLEMENTATION, CPU_PRODUCT_ATTENTION_BELOW, _sdpa_attention
 from recbole_darec.model.masks import attention_mask
 
 pytestmark = DAREC_TEST_FIXTURES
@@ -34,7 +34,7 @@ def user_states(model) -> torch.Tensor:
 def test_sdpa_gives_the_dense_reference_states(tmp_path, text_data, llm_path, context_masking):
     states = {}
     for attention in ("eager", "sdpa"):
-        _, model, _, _, _ = build("DARec", text_data[1], settings_for(
+        _, model, _, _, _ = build("DARecTokens", text_data[1], settings_for(
             tmp_path, text_data, llm_path=llm_path, context_masking=context_masking, attention=attention))
         assert model.llm.config._attn_implementation == {"eager": "eager", "sdpa": ATTN_IMPLEMENTATION}[attention]
         states[attention] = user_states(model)
@@ -43,12 +43,12 @@ def test_sdpa_gives_the_dense_reference_states(tmp_path, text_data, llm_path, co
 
 def test_unknown_attention_is_refused(tmp_path, text_data):
     with pytest.raises(ValueError, match="attention='flash'"):
-        build("DARec", text_data[1], settings_for(tmp_path, text_data, attention="flash"))
+        build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, attention="flash"))
 
 
 @pytest.mark.parametrize("llm_path", BACKBONES)
 def test_padding_tokens_to_a_multiple_changes_no_state(tmp_path, text_data, llm_path):
-    _, model, _, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_path=llm_path))
+    _, model, _, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, llm_path=llm_path))
     assert model.pad_tokens_to == 1  # on CPU; 8 on CUDA
     plain = user_states(model)
     model.pad_tokens_to = 8
@@ -64,13 +64,13 @@ def loss_and_grads(model, batch, seed: int = 7) -> tuple[float, dict[str, torch.
     return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("history_input", ["tokens", "items"])
+@pytest.mark.parametrize("model_name", ["DARecTokens", "DARec"])
 @pytest.mark.parametrize("llm_path", BACKBONES)
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, text_data, llm_path, history_input):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, text_data, llm_path, model_name):
     results = []
     for checkpointing in (False, True):
-        extra = {"history_input": "items", "sequence_layers": 1, "whiten_dim": 16} if history_input == "items" else {}
-        _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(
+        extra = {"sequence_layers": 1, "whiten_dim": 16} if model_name == "DARec" else {}
+        _, model, train_data, _, _ = build(model_name, text_data[1], settings_for(
             tmp_path, text_data, llm_path=llm_path, gradient_checkpointing=checkpointing, adapter_dropout=0.2,
             **extra))
         assert model.llm.is_gradient_checkpointing == checkpointing
@@ -86,7 +86,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, text
 def test_bf16_autocast_keeps_the_states(tmp_path, text_data):
     states = {}
     for bf16 in (False, True):
-        _, model, _, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16=bf16))
+        _, model, _, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, llm_bf16=bf16))
         states[bf16] = user_states(model)
     assert states[True].dtype == torch.float32  # the heads after the LLM stay in float32
     assert not torch.equal(states[True], states[False])  # autocast did act
@@ -95,14 +95,14 @@ def test_bf16_autocast_keeps_the_states(tmp_path, text_data):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_auto_follows_what_the_device_computes_natively(tmp_path, text_data, monkeypatch, native):
-    monkeypatch.setattr(darec_module, "computes_bf16_natively", lambda device: native)
-    _, model, _, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="auto"))
+    monkeypatch.setattr(darec_core, "computes_bf16_natively", lambda device: native)
+    _, model, _, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, llm_bf16="auto"))
     assert model.llm_bf16 is native
 
 
 def test_unknown_bf16_setting_is_refused(tmp_path, text_data):
     with pytest.raises(ValueError, match="llm_bf16='fast'.*auto"):
-        build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_bf16="fast"))
+        build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, llm_bf16="fast"))
 
 
 def _gqa_attention_inputs(tokens: int, query_dtype: torch.dtype):
@@ -135,8 +135,8 @@ def test_short_cpu_rows_run_their_bf16_attention_as_products(query_dtype, monkey
         calls.append(args[1].shape)
         return products(*args, **kwargs)
 
-    products = backbone._attention_as_products
-    monkeypatch.setattr(backbone, "_attention_as_products", recording)
+    products = attention_module._attention_as_products
+    monkeypatch.setattr(attention_module, "_attention_as_products", recording)
     module, query, key, value, mask = _gqa_attention_inputs(10, query_dtype)
     inputs = [t.detach().requires_grad_() for t in (query, key, value)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -177,7 +177,7 @@ def test_long_cpu_rows_keep_the_sdpa_kernel(monkeypatch):
     products would keep (rows, heads, T, T) probabilities for backward."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    monkeypatch.setattr(backbone, "_attention_as_products", None)  # not called
+    monkeypatch.setattr(attention_module, "_attention_as_products", None)  # not called
     module, query, key, value, mask = _gqa_attention_inputs(CPU_PRODUCT_ATTENTION_BELOW, torch.bfloat16)
     mask = mask.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):

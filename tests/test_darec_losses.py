@@ -22,7 +22,7 @@ pytestmark = DAREC_TEST_FIXTURES
 
 
 def test_losses_present_finite_and_hard_negatives_valid(tmp_path, text_data):
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, lambda_align=0.1, lambda_hard=0.1, hard_negatives=4))
     model.train()
     losses = model.calculate_loss(first_batch(train_data))
@@ -53,7 +53,7 @@ def test_losses_present_finite_and_hard_negatives_valid(tmp_path, text_data):
 
 
 def test_loss_weights_switch_terms_off(tmp_path, text_data):
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, lambda_align=0.0, lambda_hard=0.0))
     model.train()
     assert len(model.calculate_loss(first_batch(train_data))) == 1
@@ -92,7 +92,7 @@ def test_mine_hard_negatives_when_an_item_cooccurs_with_almost_all():
 
 
 def test_fresh_items_per_step_caps_the_items_encoded_with_gradient(tmp_path, text_data):
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data,
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data,
                                                                           fresh_items_per_step=3))
     fresh_calls = []
     original = model.encode_items
@@ -144,7 +144,7 @@ def test_scores_and_folded_standardisation_match_the_direct_formulas(tmp_path, t
     """``score`` scales the product's columns by the items' norms instead of normalising every candidate, and
     ``state_item_vectors`` folds the state standardisation into item_proj: the same values and gradients as the
     direct formulas (float32, tolerance 1e-5); a zero candidate vector scores 0."""
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(tmp_path, text_data))
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data))
     model.train()
     model.calculate_loss(first_batch(train_data))  # fixes the state statistics (the first full item encoding)
     with torch.no_grad():
@@ -158,13 +158,13 @@ def test_scores_and_folded_standardisation_match_the_direct_formulas(tmp_path, t
     params = [users, model.item_proj.weight, model.item_proj.bias]
 
     def direct() -> torch.Tensor:
-        items = model.item_proj(model._text_features(states))
+        items = model.item_proj(model._standardised(states))
         return torch.nn.functional.normalize(users, dim=-1) @ torch.nn.functional.normalize(items, dim=-1).T \
             / model.temperature
 
     expected = direct()
     expected_grads = torch.autograd.grad((expected * weights).sum(), params)
-    got = model.score(users, model.state_item_vectors(states))
+    got = model.score(users, model.item_vectors(states))
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for grad, expected_grad in zip(torch.autograd.grad((got * weights).sum(), params), expected_grads):

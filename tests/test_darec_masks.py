@@ -35,7 +35,7 @@ def distinct_texts(model, seed: int = 0) -> None:
 @pytest.mark.parametrize("context_masking", [True, False], ids=["context", "causal"])
 @pytest.mark.parametrize("llm_path", BACKBONES)
 def test_no_future_leakage(tmp_path, text_data, llm_path, context_masking, cf_model):
-    _, model, train_data, _, _ = build("DARec", text_data[1], settings_for(
+    _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, llm_path=llm_path, context_masking=context_masking, cf_model=cf_model))
     model.eval()
     distinct_texts(model)
@@ -80,7 +80,7 @@ def test_no_future_leakage(tmp_path, text_data, llm_path, context_masking, cf_mo
 @pytest.mark.parametrize("llm_path", BACKBONES)
 def test_histories_packed_in_one_row_give_the_states_of_each_history_alone(tmp_path, text_data, llm_path,
                                                                            context_masking):
-    _, model, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_path=llm_path,
+    _, model, *_ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, llm_path=llm_path,
                                                              context_masking=context_masking, cf_model="BPR"))
     model.eval()
     distinct_texts(model)
@@ -104,7 +104,7 @@ def test_histories_packed_in_one_row_give_the_states_of_each_history_alone(tmp_p
 def test_context_mask_reaches_the_backbone(tmp_path, text_data, llm_path, context_masking):
     # The layout tests check the mask tensor; this checks that the backbone obeys it (a backbone that
     # replaced a 4-D mask by its own causal one would pass the leakage test but lose the item-bidirectional part).
-    _, model, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data, llm_path=llm_path,
+    _, model, *_ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, llm_path=llm_path,
                                                              context_masking=context_masking))
     model.eval()
     distinct_texts(model)
@@ -132,7 +132,7 @@ def test_context_masking_changes_item_boundary_states_only_from_two_layers(tmp_p
     boundary_states = {}
     for context_masking in (True, False):
         config = dict(llm_random_config={**TINY_LLM, "num_hidden_layers": n_layers}, context_masking=context_masking)
-        _, model, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data, **config))
+        _, model, *_ = build("DARecTokens", text_data[1], settings_for(tmp_path, text_data, **config))
         model.eval()
         distinct_texts(model)
         with torch.no_grad():

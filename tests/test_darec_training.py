@@ -17,6 +17,7 @@ from conftest import TINY_USERS, assert_protocol_metrics
 from darec_testing import (
     BACKBONES,
     DAREC_TEST_FIXTURES,
+    ITEM_LAYOUT,
     build,
     darec_settings,
     settings_for,
@@ -34,9 +35,10 @@ pytestmark = DAREC_TEST_FIXTURES
 
 
 @pytest.mark.parametrize("llm_path", BACKBONES)
-@pytest.mark.parametrize("model_name", ["DARec", "DARecbase"])
+@pytest.mark.parametrize("model_name", ["DARec", "DARecbase", "DARecTokens"])
 def test_one_epoch_on_tiny_fixture(isolated_run, tiny_dataset, model_name, llm_path):
-    settings = darec_settings(isolated_run, tiny_dataset[0], llm_path=llm_path)
+    layout = {} if model_name == "DARecTokens" else ITEM_LAYOUT
+    settings = darec_settings(isolated_run, tiny_dataset[0], llm_path=llm_path, **layout)
     result = run_darec(model=model_name, dataset=tiny_dataset[1], config_dict=settings)
 
     assert result["model"] == model_name
@@ -48,8 +50,8 @@ def test_one_epoch_on_tiny_fixture(isolated_run, tiny_dataset, model_name, llm_p
 
 def test_darecbase_is_darec_with_causal_mask(tmp_path, text_data):
     # DARecbase = DARec's settings (its yaml inherits DARec.yaml) with context_masking off.
-    darec_config, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data))
-    base_config, base_model, *_ = build("DARecbase", text_data[1], settings_for(tmp_path, text_data))
+    darec_config, *_ = build("DARec", text_data[1], settings_for(tmp_path, text_data, **ITEM_LAYOUT))
+    base_config, base_model, *_ = build("DARecbase", text_data[1], settings_for(tmp_path, text_data, **ITEM_LAYOUT))
     assert darec_config["context_masking"] is True and base_config["context_masking"] is False
     assert base_model.context_masking is False
     for key in ("temperature", "lambda_align", "lambda_hard", "hard_negatives", "adapter_type", "use_item_id"):
@@ -71,7 +73,7 @@ def inter_sequences(data_path: str, name: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("max_len", [20, 4], ids=["whole", "truncated"])
 def test_training_rows_without_valid_or_test_items(tmp_path, text_data, max_len):
-    _, _, train_data, valid_data, test_data = build("DARec", text_data[1], settings_for(
+    _, _, train_data, valid_data, test_data = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, MAX_ITEM_LIST_LENGTH=max_len))
     dataset = train_data._dataset
     raw = inter_sequences(*text_data)
@@ -108,7 +110,7 @@ def test_training_rows_without_valid_or_test_items(tmp_path, text_data, max_len)
 
 def test_items_without_text_and_without_rows(tmp_path):
     text_data = write_text_dataset(tmp_path / "dataset", missing=(3, 4), empty=(7,))
-    config, model, train_data, valid_data, test_data = build("DARec", text_data[1], settings_for(tmp_path,
+    config, model, train_data, valid_data, test_data = build("DARecTokens", text_data[1], settings_for(tmp_path,
                                                                                                  text_data))
     dataset = train_data._dataset
     token2id = dataset.field2token_id[dataset.iid_field]
@@ -123,7 +125,7 @@ def test_items_without_text_and_without_rows(tmp_path):
 
 def test_dataset_without_item_file(tmp_path, text_data):
     (Path(text_data[0]) / text_data[1] / f"{text_data[1]}.item").unlink()
-    config, model, train_data, valid_data, test_data = build("DARec", text_data[1], settings_for(tmp_path,
+    config, model, train_data, valid_data, test_data = build("DARecTokens", text_data[1], settings_for(tmp_path,
                                                                                                  text_data))
     assert set(train_data._dataset.item_sentences) == {""}
     assert int(model.item_token_len.max()) == 0
@@ -145,7 +147,7 @@ def run_one_epoch(config, model, train_data, valid_data, test_data) -> dict:
 
 @pytest.mark.parametrize("llm_path", BACKBONES)
 def test_lora_trains_one_epoch(tmp_path, text_data, llm_path):
-    config, model, train_data, valid_data, test_data = build("DARec", text_data[1], settings_for(
+    config, model, train_data, valid_data, test_data = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, llm_path=llm_path, adapter_type="lora", lora_target_modules=["q_proj", "v_proj"]))
     lora = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_" in n}
     assert lora and all(model.llm.get_parameter(n).requires_grad for n in lora)
@@ -167,8 +169,8 @@ def test_lora_trains_one_epoch(tmp_path, text_data, llm_path):
 
 def test_same_seed_same_metrics(isolated_run, tiny_dataset):
     settings = darec_settings(isolated_run, tiny_dataset[0], epochs=2)
-    first = run_darec(model="DARec", dataset=tiny_dataset[1], config_dict=settings, saved=False)
-    second = run_darec(model="DARec", dataset=tiny_dataset[1], config_dict=settings, saved=False)
+    first = run_darec(model="DARecTokens", dataset=tiny_dataset[1], config_dict=settings, saved=False)
+    second = run_darec(model="DARecTokens", dataset=tiny_dataset[1], config_dict=settings, saved=False)
     assert first["best_valid_result"] == second["best_valid_result"]
     assert first["test_result"] == second["test_result"]
     assert np.isfinite(list(first["test_result"].values())).all()
@@ -176,7 +178,7 @@ def test_same_seed_same_metrics(isolated_run, tiny_dataset):
 
 @pytest.mark.parametrize("llm_learning_rate", [3e-4, None])
 def test_llm_side_weights_get_their_own_learning_rate(tmp_path, text_data, llm_learning_rate):
-    config, model, _, _, _ = build("DARec", text_data[1], settings_for(
+    config, model, _, _, _ = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, learning_rate=2e-3, llm_learning_rate=llm_learning_rate))
     groups = trainer_for(config, model).optimizer.param_groups
     assert [group["lr"] for group in groups] == [2e-3, llm_learning_rate or 2e-3]

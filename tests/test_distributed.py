@@ -26,13 +26,13 @@ def _worker(rank: int, root: str, port: int, queue) -> None:
     torch.set_num_threads(1)
     sys.argv = sys.argv[:1]
     from recbole_darec import trainer as trainer_module
-    from recbole_darec.model.darec import DARec
+    from recbole_darec.model.darectokens import DARecTokens
     from recbole_darec.quick_start import run_darec
 
     seen: list[tuple[int, int]] = []  # epoch 0's training instances
     losses: list[float] = []  # this rank's training loss per epoch
     state = {"epoch": 0}
-    original_loss = DARec.calculate_loss
+    original_loss = DARecTokens.calculate_loss
 
     def recording_loss(self, interaction):
         if state["epoch"] == 0:
@@ -47,11 +47,11 @@ def _worker(rank: int, root: str, port: int, queue) -> None:
         losses.append(float(sum(loss) if isinstance(loss, tuple) else loss))
         return loss
 
-    DARec.calculate_loss = recording_loss
+    DARecTokens.calculate_loss = recording_loss
     trainer_module.Trainer._train_epoch = recording_epoch
     settings = _settings(Path(root), local_rank=rank, world_size=2, nproc=2, ip="127.0.0.1", port=port, offset=0)
     os.chdir(root)
-    result = run_darec("DARec", "tiny-text", config_dict=settings)
+    result = run_darec("DARecTokens", "tiny-text", config_dict=settings)
     queue.put((rank, result, seen, losses))
 
 

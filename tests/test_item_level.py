@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from darec_testing import BACKBONES, TINY_LLM, build, darec_settings, trainer_for, write_text_dataset
 
 from recbole_darec.model import darec as darec_module
-from recbole_darec.model.backbone import CPU_PRODUCT_ATTENTION_BELOW, sublayer_modules
+from recbole_darec.model.attention import CPU_PRODUCT_ATTENTION_BELOW
+from recbole_darec.model.backbone import sublayer_modules
 from recbole_darec.model.item_states import encode_item_text, pca_whitening
 from recbole_darec.model.layout import pack_rows
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def item_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
-    settings = {"history_input": "items", "sequence_layers": 1, "whiten_dim": 16, "dropout_prob": 0.0, **overrides}
+    settings = {"sequence_layers": 1, "whiten_dim": 16, "dropout_prob": 0.0, **overrides}
     return darec_settings(tmp_path, data_path, **settings)
 
 
@@ -33,12 +34,12 @@ def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model):
     seq_len = torch.tensor([5, 3])
     users = torch.tensor([1, 2])
     with torch.no_grad():
-        base = model.encode_item_histories(seq, seq_len, users)
+        base = model.encode_histories(seq, seq_len, users)
     for slot in range(1, seq.shape[1]):
         changed_seq = seq.clone()
         changed_seq[0, slot] = 50
         with torch.no_grad():
-            changed = model.encode_item_histories(changed_seq, seq_len, users)
+            changed = model.encode_histories(changed_seq, seq_len, users)
         torch.testing.assert_close(changed[0, :slot], base[0, :slot], rtol=0, atol=1e-5,
                                    msg=lambda m, slot=slot: f"item {slot + 1} leaked into earlier states: {m}")
         assert (changed[0, slot] - base[0, slot]).abs().max() > 1e-4  # the perturbation reached its own slot
@@ -58,8 +59,8 @@ def test_packed_rows_give_the_states_of_each_history_alone(tmp_path, text_data, 
     rows = pack_rows(1 + seq_len, 8, 8)
     assert rows.segment_ids.shape[0] < len(seq_len)  # histories do share rows
     with torch.no_grad():
-        packed = model.encode_item_histories(seq, seq_len)
-        alone = [model.encode_item_histories(seq[b: b + 1, : seq_len[b]], seq_len[b: b + 1])[0]
+        packed = model.encode_histories(seq, seq_len)
+        alone = [model.encode_histories(seq[b: b + 1, : seq_len[b]], seq_len[b: b + 1])[0]
                  for b in range(len(seq_len))]
     for b, states in enumerate(alone):
         torch.testing.assert_close(packed[b, : seq_len[b]], states, rtol=1e-5, atol=1e-5)
@@ -76,10 +77,10 @@ def test_only_the_items_a_history_holds_are_read(tmp_path, text_data):
     id_rows = []
     model.id_to_hidden.register_forward_pre_hook(lambda _module, args: id_rows.append(args[0].shape[0]))
     with torch.no_grad():
-        base = model.encode_item_histories(seq, seq_len, users)
+        base = model.encode_histories(seq, seq_len, users)
         garbage = seq.clone()
         garbage[torch.arange(5)[None, :] >= seq_len[:, None]] = 11
-        changed = model.encode_item_histories(garbage, seq_len, users)
+        changed = model.encode_histories(garbage, seq_len, users)
     for b, length in enumerate(seq_len.tolist()):
         torch.testing.assert_close(changed[b, :length], base[b, :length], rtol=0, atol=1e-6)
     assert id_rows == [int(seq_len.sum())] * 2
@@ -111,8 +112,8 @@ def test_scoring_states_computed_at_the_last_position_only_equal_the_full_pass(t
         module.register_forward_pre_hook(
             lambda _module, args, name=name: tokens_read[name].append(args[0].numel() // args[0].shape[-1]))
     with torch.no_grad():
-        full = model.encode_item_histories(seq, seq_len, users)[torch.arange(len(seq_len)), seq_len - 1]
-        last = model.encode_item_histories(seq, seq_len, users, last_only=True)
+        full = model.encode_histories(seq, seq_len, users)[torch.arange(len(seq_len)), seq_len - 1]
+        last = model.encode_histories(seq, seq_len, users, last_only=True)
     torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
     for name in ("ffn", "query"):  # one token per history, not every token of the rows
         assert tokens_read[name][1] == len(seq_len) < tokens_read[name][0], name
@@ -149,8 +150,8 @@ def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text
     seq, seq_len = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
     full = torch.cat([seq, torch.zeros_like(seq[:, :1])], dim=1)
     full[torch.arange(len(seq_len)), seq_len] = interaction[model.POS_ITEM_ID]
-    states = model.encode_item_histories(full, seq_len + 1)
-    items = model.text_item_vectors()
+    states = model.encode_histories(full, seq_len + 1)
+    items = model.item_vectors()
 
     def loss_with_shift(shift: int) -> torch.Tensor:
         """Cross-entropy of the state after item k+1 (index k) against the item at index k + shift."""

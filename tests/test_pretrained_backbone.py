@@ -14,7 +14,7 @@ import pytest
 import torch
 from darec_testing import TINY_LLM, build, darec_settings
 
-import recbole_darec.model.darec as darec_module
+import recbole_darec.model.darec_core as darec_core
 from recbole_darec.model import backbone as backbone_module
 from recbole_darec.model.backbone import BackboneNotFoundError, embedded_backbone_folder, load_backbone
 
@@ -67,11 +67,11 @@ def test_darec_training_steps_lower_the_loss(smollm2, tiny_dataset, tmp_path, mo
         assert (llm_path, llm_layers) == (EMBEDDED, N_LAYERS)
         return copy.deepcopy(smollm2)
 
-    monkeypatch.setattr(darec_module, "load_backbone", same_backbone)
+    monkeypatch.setattr(darec_core, "load_backbone", same_backbone)
     settings = darec_settings(tmp_path, tiny_dataset[0], llm_path=EMBEDDED, llm_layers=N_LAYERS,
                               llm_random_config=None, item_max_tokens=8, MAX_ITEM_LIST_LENGTH=5, rec_dim=64,
                               adapter_size=16, item_cache_refresh=1)
-    _, model, train_data, _, _ = build("DARec", tiny_dataset[1], settings)
+    _, model, train_data, _, _ = build("DARecTokens", tiny_dataset[1], settings)
     # The fixture's text "title: item 3 model 3" fits 8 real tokens: items have distinct texts.
     assert len({tuple(row.tolist()) for row in model.item_token_ids[1:]}) == model.n_items - 1
 

@@ -42,7 +42,6 @@ def darec_config(tiny_dataset, fast_config, tmp_path: Path, **overrides) -> dict
         "llm_random_config": {"hidden_size": 32, "num_hidden_layers": N_LAYERS, "num_attention_heads": 2, "ffn": 64},
         # The search over every layer of the token-level layout (the paper's); in the item-level mode it covers
         # the top sequence_layers layers, the only ones with adapters.
-        "history_input": "tokens",
         "item_max_tokens": 8,
         "item_text_cache_dir": str(tmp_path / "item_text"),
         "adapter_size": 8,
@@ -55,7 +54,7 @@ def darec_config(tiny_dataset, fast_config, tmp_path: Path, **overrides) -> dict
 
 
 def load(config_dict: dict):
-    config = Config(model="DARec", dataset=TINY_DATASET, config_dict=config_dict)
+    config = Config(model="DARecTokens", dataset=TINY_DATASET, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     _, train_data, valid_data, _ = load_data(config)
     return config, train_data, valid_data
@@ -114,12 +113,12 @@ def test_fixed_architecture_is_deterministic_and_refreshes_item_vectors(
     # cache must follow the architecture, not survive it.
     model.eval()
     model.set_adapter_arch(serial)
-    vectors_serial = model._all_item_vectors().clone()
+    vectors_serial = model.all_item_vectors().clone()
     model.set_adapter_arch(parallel)
-    vectors_parallel = model._all_item_vectors().clone()
+    vectors_parallel = model.all_item_vectors().clone()
     assert not torch.allclose(vectors_serial, vectors_parallel)
     model._eval_item_vectors = None
-    assert torch.equal(vectors_parallel, model._all_item_vectors())
+    assert torch.equal(vectors_parallel, model.all_item_vectors())
 
     supernet.score(parallel, valid_data)
     assert supernet.score(serial, valid_data) == first
@@ -148,9 +147,9 @@ def test_fixed_architecture_is_deterministic_and_refreshes_item_vectors(
 
 def test_search_bo_end_to_end_trains_the_best_architecture(isolated_run, tiny_dataset, fast_config):
     config_dict = darec_config(tiny_dataset, fast_config, isolated_run, search="bo")
-    result = run_darec(model="DARec", dataset=TINY_DATASET, config_dict=config_dict)
+    result = run_darec(model="DARecTokens", dataset=TINY_DATASET, config_dict=config_dict)
 
-    paths = search_paths(Config(model="DARec", dataset=TINY_DATASET, config_dict=config_dict), "bo")
+    paths = search_paths(Config(model="DARecTokens", dataset=TINY_DATASET, config_dict=config_dict), "bo")
     trials = TrialLog(paths.trial_log).read()
     assert len(trials) == 4 and [t.method for t in trials] == ["random", "random", "bo", "bo"]
     assert len({t.arch for t in trials}) == 4
@@ -229,7 +228,7 @@ def test_search_flag_comes_from_the_command_line(isolated_run, tiny_dataset, fas
     # RecBole's Config eval()s command-line values: "random" must stay a string, not become a module.
     monkeypatch.setattr(sys, "argv", [sys.argv[0], "--search=random"])
     config = Config(
-        model="DARec", dataset=TINY_DATASET, config_dict=darec_config(tiny_dataset, fast_config, isolated_run)
+        model="DARecTokens", dataset=TINY_DATASET, config_dict=darec_config(tiny_dataset, fast_config, isolated_run)
     )
     assert config["search"] == "random"
     with pytest.raises(ValueError, match="--search=grid"):
@@ -243,7 +242,7 @@ def test_run_hyper_completes_two_trials(isolated_run, tiny_dataset, fast_config)
     output = isolated_run / "hyper.result"
     tuner = hyper_tune(
         str(ROOT / "hyper" / "darec.hyper"),
-        model="DARec",
+        model="DARecTokens",
         dataset=TINY_DATASET,
         config_dict=darec_config(tiny_dataset, fast_config, isolated_run, adapter_arch="s"),
         algo="bayes",
@@ -254,7 +253,7 @@ def test_run_hyper_completes_two_trials(isolated_run, tiny_dataset, fast_config)
     assert set(tuner.best_params) == {"learning_rate", "llm_learning_rate", "adapter_size", "lambda_align",
                                       "lambda_hard"}
     best = tuner.params2result[tuner.params2str(tuner.best_params)]
-    assert best["model"] == "DARec" and best["valid_score_bigger"] is True
+    assert best["model"] == "DARecTokens" and best["valid_score_bigger"] is True
     assert_protocol_metrics(best["test_result"])
     assert output.read_text().count("Test result:") == 2
 

@@ -27,7 +27,7 @@ def test_learns_a_planted_next_item_pattern(tmp_path, text_data):
 
 def test_reads_the_same_item_states_as_darec(tmp_path, text_data):
     settings = text_sasrec_settings(tmp_path, text_data[0])
-    build("DARec", text_data[1], {**settings, "history_input": "items"})
+    build("DARec", text_data[1], settings)
     cache = sorted(Path(settings["item_text_cache_dir"]).glob("item_states-*.pt"))
     build("TextSASRec", text_data[1], settings)
     assert sorted(Path(settings["item_text_cache_dir"]).glob("item_states-*.pt")) == cache  # reused, not recomputed

@@ -104,3 +104,6 @@ class DARecDataset(ItemTextDataset):
         sequences = torch.cat([item_list, torch.zeros_like(item_list[:, :1])], dim=1)
         sequences[torch.arange(len(lengths)), lengths] = self.inter_feat[self.iid_field]
         return sequences, lengths + 1
+
+
+DARecCoreDataset = DARecDataset  # every DARec layout (found along the model's class hierarchy)

@@ -12,6 +12,8 @@ pre-hook stores the sublayer input, a hook adds the adapter output to the sublay
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,27 @@ def parse_adapter_arch(adapter_arch: str | None, n_layers: int) -> list[int] | N
         raise ValueError(
             f"adapter_arch='{adapter_arch}': give one letter s (serial) or p (parallel) per decoder layer "
             f"({n_layers} layers here, e.g. {'s' * n_layers}), a single letter for all layers, or ~ to learn a gate."
+        )
+    return str_to_arch(arch)
+
+
+def arch_to_str(arch: Iterable[int | float | bool]) -> str:
+    """Encode a 0/1 vector as a string: 0 -> 's' (serial adapter), 1 -> 'p' (parallel adapter)."""
+    out = []
+    for i, bit in enumerate(arch):
+        # Accept float tensors' entries (0.0 / 1.0) but refuse anything that is not exactly binary.
+        if bit not in (0, 1):
+            raise ValueError(f"architecture entry {i} is {bit!r}; expected 0 (serial) or 1 (parallel)")
+        out.append(ARCH_LETTERS[int(bit)])
+    return "".join(out)
+
+
+def str_to_arch(arch: str) -> list[int]:
+    """Decode an architecture string such as 'spps' into [0, 1, 1, 0]."""
+    bad = sorted({c for c in arch if c not in ARCH_LETTERS})
+    if bad:
+        raise ValueError(
+            f"invalid architecture string {arch!r}: letters {bad} are not 's' (serial) or 'p' (parallel)"
         )
     return [ARCH_LETTERS.index(c) for c in arch]
 
@@ -89,8 +112,8 @@ class SublayerAdapter(nn.Module):
     def forward(self, sublayer_input: torch.Tensor, sublayer_output: torch.Tensor) -> torch.Tensor:
         router = self.router[0]
         if router.mode == "gate":
-            # g * up_s(a_s) + (1 - g) * up_p(a_p) as one product of [a_s, a_p] with the gate-scaled up weights: the
-            # two full-width scalings, their sum and their backward were 6% of a token-level step (CPU, bf16).
+            # g * up_s(a_s) + (1 - g) * up_p(a_p) as one product of [a_s, a_p] with the gate-scaled up weights: no
+            # full-width scaling and sum of the two branches' outputs.
             gate = torch.sigmoid(router.gate_logit)
             serial, parallel = self.serial.up, self.parallel.up
             activations = torch.cat([self.serial.bottleneck(sublayer_output),

@@ -1,4 +1,5 @@
-"""DARecbase: DARec with a plain causal mask and no CF injection (settings in properties/model/DARecbase.yaml)."""
+"""DARecbase: DARec whose lower layers read each item's text causally instead of both ways, and no CF injection
+(the paper's base variant; settings in properties/model/DARecbase.yaml)."""
 
 from recbole_darec.model.darec import DARec
 

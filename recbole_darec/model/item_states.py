@@ -1,6 +1,6 @@
-"""Item-level mode: the backbone's lower layers read each item's text alone, once, and the result is cached.
+"""The backbone's lower layers read each item's text alone, once, and the result is cached (DARec, TextSASRec).
 
-In ``history_input: items`` the lower ``n_item_layers`` decoder layers see only the tokens of one item (the context
+In DARec's default layout the lower ``n_item_layers`` decoder layers see only the tokens of one item (the context
 mask of the paper taken one step further: no token sees another item). Those layers carry no adapters, so an item's
 state after them is the same in every history; it is computed once per item (and stored on disk), and only the top
 layers run per user, over one vector per item. This is how HLLM (arXiv 2409.12740) and UniSRec make a pretrained
@@ -15,10 +15,12 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from recbole_darec.data.item_text import cached_item_tokens
 from recbole_darec.files import atomic_torch_save
 from recbole_darec.model.backbone import Backbone, decoder_layers
 from recbole_darec.model.masks import attention_mask
@@ -146,3 +148,30 @@ def pca_whitening(states: torch.Tensor, n_components: int) -> tuple[torch.Tensor
     eigenvalues = eigenvalues[-n_components:].clamp_min(1e-6 * float(eigenvalues[-1]) + 1e-12)
     projection = eigenvectors[:, -n_components:] / eigenvalues.sqrt()
     return mean.float(), projection.float()
+
+
+@dataclass
+class ItemText:
+    """Every item's text as the frozen lower layers read it (row 0: padding)."""
+
+    token_ids: torch.Tensor  # (n_items, item_max_tokens)
+    token_len: torch.Tensor  # (n_items,)
+    states: torch.Tensor  # (n_items, H): the state after the lower layers at each item's last token
+    first_token_state: torch.Tensor  # (H,): a fixed first token's state after the same layers
+    features: torch.Tensor  # (n_items, whiten_dim): the states whitened
+
+
+def read_item_text(backbone: Backbone, item_sentences: list[str], config, n_text_layers: int,
+                   whiten_dim: int) -> ItemText:
+    """Tokenise, encode through the first ``n_text_layers`` layers (both cached on disk) and whiten every item's
+    text. The whitening is fitted on item text alone (no interaction data), so it leaks nothing."""
+    token_ids, token_len = cached_item_tokens(
+        item_sentences, backbone.tokenizer, int(config["item_max_tokens"]), backbone.tokenizer.name,
+        config["item_text_cache_dir"],
+    )
+    states, first = cached_item_text_states(
+        backbone, token_ids, token_len, n_text_layers, bool(config["context_masking"]),
+        config["item_text_cache_dir"], int(config["item_encode_batch_size"]), bf16=bool(config["item_encode_bf16"]),
+    )
+    mean, projection = pca_whitening(states[1:], whiten_dim)
+    return ItemText(token_ids, token_len, states, first, (states - mean) @ projection)

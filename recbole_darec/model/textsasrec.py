@@ -1,7 +1,7 @@
 """TextSASRec: SASRec whose item vectors add a linear map of frozen, whitened LLM text states to the ID embedding.
 
 A baseline for DARec, in the style of UniSRec without its pre-training: item text is read by the same frozen
-backbone and the same cached item states as DARec's item-level mode (``history_input: items``), and a small
+backbone and the same cached item states as DARec's lower layers, and a small
 SASRec transformer trained from scratch reads the history. Scores are cosine / ``temperature`` as in UniSRec.
 The difference between this row and DARec is what the pretrained top layers (with adapters) add over frozen text
 features alone.
@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
 
-from recbole_darec.data.item_text import cached_item_tokens
 from recbole_darec.model.backbone import load_backbone
-from recbole_darec.model.item_states import cached_item_text_states, pca_whitening
+from recbole_darec.model.item_states import read_item_text
 
 
 class TextSASRec(SASRec):
@@ -25,16 +24,9 @@ class TextSASRec(SASRec):
         self.temperature = float(config["temperature"])
         backbone = load_backbone(config["llm_path"], config["llm_layers"], config["llm_random_config"])
         n_text_layers = len(backbone.layers) - int(config["sequence_layers"] or 0)
-        token_ids, token_len = cached_item_tokens(
-            dataset.item_sentences, backbone.tokenizer, int(config["item_max_tokens"]), backbone.tokenizer.name,
-            config["item_text_cache_dir"],
-        )
-        states, _ = cached_item_text_states(backbone, token_ids, token_len, n_text_layers,
-                                            bool(config["context_masking"]), config["item_text_cache_dir"],
-                                            int(config["item_encode_batch_size"]), bool(config["item_encode_bf16"]))
+        item_text = read_item_text(backbone, dataset.item_sentences, config, n_text_layers, int(config["whiten_dim"]))
         del backbone  # only its item states are used
-        mean, projection = pca_whitening(states[1:], int(config["whiten_dim"]))
-        self.register_buffer("item_text", (states - mean) @ projection, persistent=False)  # (n_items, whiten_dim)
+        self.register_buffer("item_text", item_text.features, persistent=False)  # (n_items, whiten_dim)
         self.text_proj = nn.Linear(self.item_text.shape[1], self.hidden_size)
         nn.init.normal_(self.text_proj.weight, std=self.initializer_range)
         nn.init.zeros_(self.text_proj.bias)

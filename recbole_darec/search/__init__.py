@@ -5,6 +5,7 @@ JSON-lines `TrialLog`. `search_architecture` runs it on DARec: a weight-sharing 
 candidate by one validation pass (supernet.py); `plot_search` draws the trials (plots.py).
 """
 
+from recbole_darec.model.adapters import arch_to_str, str_to_arch
 from recbole_darec.search.bo import (
     SearchResult,
     all_binary,
@@ -27,7 +28,7 @@ from recbole_darec.search.supernet import (
     search_paths,
     supernet_config,
 )
-from recbole_darec.search.trial_log import Trial, TrialLog, arch_to_str, str_to_arch
+from recbole_darec.search.trial_log import Trial, TrialLog
 
 __all__ = [
     "SearchPaths",

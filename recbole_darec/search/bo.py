@@ -30,7 +30,8 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recbole_darec.search.trial_log import Trial, TrialLog, arch_to_str, str_to_arch
+from recbole_darec.model.adapters import arch_to_str, str_to_arch
+from recbole_darec.search.trial_log import Trial, TrialLog
 from recbole_darec.utils import one_torch_thread
 
 logger = logging.getLogger(__name__)

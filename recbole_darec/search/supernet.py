@@ -1,10 +1,10 @@
 """Architecture search on DARec end to end: weight-sharing supernet, candidate scoring, search driver.
 
-1. ``train_supernet``: DARec with ``supernet: True`` (both adapters in every layer, one architecture sampled per
-   training batch) trained with RecBole's trainer for ``search_epochs`` epochs. Its checkpoint
+1. ``Supernet.ensure_trained``: DARec with ``supernet: True`` (both adapters in every layer, one architecture
+   sampled per training batch) trained with RecBole's trainer for ``search_epochs`` epochs. Its checkpoint
    ``<checkpoint_dir>/<model>-<dataset>-supernet.pth`` is written after every epoch: a finished one is reused by
    later searches (BO and random search then score candidates on the same weights), an unfinished one is resumed.
-2. ``score_architecture``: one validation pass with the candidate fixed; the score is ``valid_metric``.
+2. ``Supernet.score``: one validation pass with the candidate fixed; the score is ``valid_metric``.
 3. ``search_architecture``: ``run_search`` over {serial, parallel}^layers with a resumable trial log, the best
    architecture written to a text file and a PNG of metric per trial (BO vs random when both logs exist).
 The harness (``quick_start.run_darec`` with ``search`` set) then trains DARec with the best ``adapter_arch``.
@@ -24,47 +24,34 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import set_color
 
 from recbole_darec.compat import load_trusted_checkpoint
-from recbole_darec.model.adapters import CHOICE_NAMES
+from recbole_darec.config import model_yaml_settings
+from recbole_darec.model.adapters import CHOICE_NAMES, arch_to_str, str_to_arch
 from recbole_darec.provenance import artefact_key
 from recbole_darec.search.bo import METHODS, SearchResult, run_search
 from recbole_darec.search.plots import plot_search
-from recbole_darec.search.trial_log import TrialLog, arch_to_str, str_to_arch
+from recbole_darec.search.trial_log import TrialLog
 from recbole_darec.utils import build_model, get_trainer
 
 logger = logging.getLogger(__name__)
 
-# Settings that change what a supernet learns; a reused checkpoint trained with others gets a warning.
-SUPERNET_SETTINGS = (
-    "llm_path",
-    "llm_layers",
-    "llm_random_config",
-    "item_max_tokens",
-    "context_masking",
-    "adapter_size",
-    "adapter_dropout",
-    "rec_dim",
-    "use_item_id",
-    "normalize_scores",
-    "temperature",
-    "lambda_align",
-    "lambda_hard",
-    "hard_negatives",
-    "cf_model",
-    "lambda_cf",
-    "learning_rate",
-    "llm_learning_rate",
-    "train_batch_size",
-    "MAX_ITEM_LIST_LENGTH",
-    "item_cache_refresh",
-    "fresh_items_per_step",
-    "history_input",
-    "sequence_layers",
-    "whiten_dim",
-    "dropout_prob",
-    "seed",
-)
-# ... and settings that change how a candidate is scored: a trial log is keyed on both.
-TRIAL_SETTINGS = (*SUPERNET_SETTINGS, "search_valid_users", "search_seed", "search_acq_optimizer", "valid_metric")
+# What shapes a supernet besides its model's own yaml settings ...
+TRAINING_SETTINGS = ("learning_rate", "train_batch_size", "MAX_ITEM_LIST_LENGTH", "seed")
+# ... and settings of that yaml that do not: the search's own budget, where files go, batch sizes of inference.
+NOT_SHAPING = ("adapter_arch", "supernet", "item_text_cache_dir", "eval_batch_size", "item_encode_batch_size")
+# What changes how a candidate is scored, besides what shaped the supernet.
+SCORING_SETTINGS = ("search_valid_users", "search_seed", "search_acq_optimizer", "valid_metric")
+
+
+def supernet_settings(model: str) -> tuple[str, ...]:
+    """Settings that change what a supernet of ``model`` learns: a reused checkpoint trained with others gets a
+    warning, and its artefacts are keyed on them."""
+    own = {key for key in model_yaml_settings(model) if not key.startswith("search") and key not in NOT_SHAPING}
+    return tuple(sorted(own | set(TRAINING_SETTINGS)))
+
+
+def trial_settings(model: str) -> tuple[str, ...]:
+    """Settings that a trial log is keyed on: the supernet's, and how a candidate is scored."""
+    return (*supernet_settings(model), *SCORING_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -82,7 +69,8 @@ def search_paths(config: Any, method: str) -> SearchPaths:
     or another code version starts afresh instead of reusing them (the budget settings, search_epochs and
     search_n_init/n_iter, are not in the key: a larger budget continues the same supernet and trial log)."""
     stem = Path(config["checkpoint_dir"]) / f"{config['model']}-{config['dataset']}"
-    supernet_key, trial_key = artefact_key(config, SUPERNET_SETTINGS), artefact_key(config, TRIAL_SETTINGS)
+    supernet_key, trial_key = (artefact_key(config, supernet_settings(config["model"])),
+                                artefact_key(config, trial_settings(config["model"])))
     return SearchPaths(
         supernet=Path(f"{stem}-supernet-{supernet_key}.pth"),
         trial_log=Path(f"{stem}-search-{method}-{trial_key}.jsonl"),
@@ -152,7 +140,7 @@ class Supernet:
         # supernet trained with other losses or learning rate would be reused silently, and so would its trial log.
         changed = [
             f"{key}: {saved_config[key]!r} -> {self.config[key]!r}"
-            for key in SUPERNET_SETTINGS
+            for key in supernet_settings(self.config["model"])
             if saved_config[key] != self.config[key]
         ]
         if changed:

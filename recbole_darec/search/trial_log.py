@@ -9,35 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recbole_darec.model.adapters import ARCH_LETTERS
+from recbole_darec.model.adapters import str_to_arch
 
 logger = logging.getLogger(__name__)
-
-
-def arch_to_str(arch: Iterable[int | float | bool]) -> str:
-    """Encode a 0/1 vector as a string: 0 -> 's' (serial adapter), 1 -> 'p' (parallel adapter)."""
-    out = []
-    for i, bit in enumerate(arch):
-        # Accept float tensors' entries (0.0 / 1.0) but refuse anything that is not exactly binary.
-        if bit not in (0, 1):
-            raise ValueError(f"architecture entry {i} is {bit!r}; expected 0 (serial) or 1 (parallel)")
-        out.append(ARCH_LETTERS[int(bit)])
-    return "".join(out)
-
-
-def str_to_arch(arch: str) -> list[int]:
-    """Decode an architecture string such as 'spps' into [0, 1, 1, 0]."""
-    bad = sorted({c for c in arch if c not in ARCH_LETTERS})
-    if bad:
-        raise ValueError(
-            f"invalid architecture string {arch!r}: letters {bad} are not 's' (serial) or 'p' (parallel)"
-        )
-    return [ARCH_LETTERS.index(c) for c in arch]
 
 
 @dataclass
