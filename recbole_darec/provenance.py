@@ -31,10 +31,9 @@ def code_version(plugin_models: bool = True) -> str:
     yaml_files = list(PROPERTIES_DIR.rglob("*.yaml"))
     if not plugin_models:
         files = [p for p in files if p.relative_to(PACKAGE_DIR).parts[0] not in PLUGIN_MODEL_PARTS]
-        # properties/model/DARec.yaml and the like: read only when that plugin model is built.
-        plugin_names = {p.stem for p in (PACKAGE_DIR / "model").glob("*.py")}
-        yaml_files = [p for p in yaml_files
-                      if not (p.parent.name == "model" and p.stem.lower() in plugin_names)]
+        # properties/model/*.yaml are the plugin models' own (DARecCore.yaml, DARec.yaml, ...): read only when a
+        # plugin model is built.
+        yaml_files = [p for p in yaml_files if p.parent.name != "model"]
     digest = hashlib.sha256()
     for root, paths in ((PACKAGE_DIR, files), (PROPERTIES_DIR, yaml_files)):
         for path in sorted(paths):
