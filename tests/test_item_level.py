@@ -24,11 +24,12 @@ def item_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
     return darec_settings(tmp_path, data_path, **settings)
 
 
+@pytest.mark.parametrize("item_positions", [1, 3])
 @pytest.mark.parametrize("cf_model", [None, "BPR"], ids=["no-cf", "cf=BPR"])
 @pytest.mark.parametrize("llm_path", BACKBONES)
-def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model):
+def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model, item_positions):
     _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], llm_path=llm_path,
-                                                                   cf_model=cf_model))
+                                                                   cf_model=cf_model, item_positions=item_positions))
     model.eval()
     seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0]])
     seq_len = torch.tensor([5, 3])
@@ -46,17 +47,19 @@ def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model):
         torch.testing.assert_close(changed[1, :3], base[1, :3], rtol=0, atol=1e-5)
 
 
-def test_packed_rows_give_the_states_of_each_history_alone(tmp_path, text_data, monkeypatch):
-    """Histories packed several to a row (rows of 8 tokens here, so some rows hold three histories and the longest
-    history one row of its own): the states of every real slot equal those of each history run alone."""
-    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0]))
+@pytest.mark.parametrize("item_positions", [1, 2])
+def test_packed_rows_give_the_states_of_each_history_alone(tmp_path, text_data, monkeypatch, item_positions):
+    """Histories packed several to a row (rows of 8 positions per item here, so some rows hold three histories and
+    the longest history one row of its own): the states of every real slot equal those of each history alone."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0],
+                                                                   item_positions=item_positions))
     model.eval()
-    monkeypatch.setattr(darec_module, "PACKED_ROW_TOKENS", 8)
+    monkeypatch.setattr(darec_module, "PACKED_ROW_TOKENS", 8 * item_positions)
     generator = torch.Generator().manual_seed(0)
     seq_len = torch.tensor([1, 7, 2, 2, 5, 1, 3, 7, 4])
     seq = torch.randint(1, model.n_items, (len(seq_len), 7), generator=generator)
     seq[torch.arange(7)[None, :] >= seq_len[:, None]] = 0
-    rows = pack_rows(1 + seq_len, 8, 8)
+    rows = pack_rows(1 + seq_len * item_positions, 1 + 7 * item_positions, 8 * item_positions)
     assert rows.segment_ids.shape[0] < len(seq_len)  # histories do share rows
     with torch.no_grad():
         packed = model.encode_histories(seq, seq_len)
@@ -86,16 +89,18 @@ def test_only_the_items_a_history_holds_are_read(tmp_path, text_data):
     assert id_rows == [int(seq_len.sum())] * 2
 
 
+@pytest.mark.parametrize("item_positions", [1, 3])
 @pytest.mark.parametrize("adapter_arch", [None, "s", "p"], ids=["gate", "serial", "parallel"])
 @pytest.mark.parametrize("llm_path", BACKBONES)
 def test_scoring_states_computed_at_the_last_position_only_equal_the_full_pass(tmp_path, text_data, llm_path,
-                                                                                adapter_arch, monkeypatch):
+                                                                                adapter_arch, monkeypatch,
+                                                                                item_positions):
     """Evaluation runs the top layer's query and output projections and its FFN at each history's last position
     only: the same states there as the full pass, with adapters (and the ID and CF paths) that are not zero, for
     both backbone families."""
     _, model, _, _, _ = build("DARec", text_data[1], item_settings(
         tmp_path, text_data[0], llm_path=llm_path, adapter_arch=adapter_arch, cf_model="BPR", sequence_layers=2,
-        llm_random_config={**TINY_LLM, "num_hidden_layers": 3}))
+        llm_random_config={**TINY_LLM, "num_hidden_layers": 3}, item_positions=item_positions))
     model.eval()
     with torch.no_grad():
         for param in [*model.adapters.parameters(), model.id_to_hidden.weight]:
@@ -118,6 +123,40 @@ def test_scoring_states_computed_at_the_last_position_only_equal_the_full_pass(t
     for name in ("ffn", "query"):  # one token per history, not every token of the rows
         assert tokens_read[name][1] == len(seq_len) < tokens_read[name][0], name
     assert tokens_read["keys"][1] == tokens_read["keys"][0]  # every position still gives its key
+
+
+@pytest.mark.parametrize("llm_path", BACKBONES)
+def test_an_items_positions_see_each_other_both_ways_in_the_history_layers(tmp_path, text_data, llm_path):
+    """Context masking in the history layers: with K positions per item, the first part of an item reads its later
+    parts (block-causal), so from the second history layer on, the user states differ from a causal reading; with
+    one position per item the two masks are the same mask."""
+    states = {}
+    for item_positions in (1, 3):
+        _, model, _, _, _ = build("DARec", text_data[1], item_settings(
+            tmp_path, text_data[0], llm_path=llm_path, sequence_layers=2, item_positions=item_positions,
+            llm_random_config={**TINY_LLM, "num_hidden_layers": 3}))
+        model.eval()
+        seq, seq_len = torch.tensor([[3, 9, 14, 27], [5, 6, 0, 0]]), torch.tensor([4, 2])
+        for context_masking in (True, False):
+            model.context_masking = context_masking
+            with torch.no_grad():
+                states[item_positions, context_masking] = model.encode_histories(seq, seq_len)
+    torch.testing.assert_close(states[1, True], states[1, False], rtol=0, atol=0)
+    assert (states[3, True] - states[3, False]).abs().max() > 1e-3
+
+
+def test_history_positions_of_an_item_are_the_parts_of_its_text(tmp_path, text_data):
+    """K positions per item are the lower layers' states of K contiguous parts of its tokens, whose mean over
+    tokens is the whole item's state (the candidate side)."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], item_positions=2))
+    parts, lengths = model.item_text_states, model.item_token_len  # (n_items, 2, H), (n_items,)
+    _, whole, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0]))
+    item = int(torch.nonzero(lengths >= 4)[0])
+    n = int(lengths[item])
+    first_part = (n + 1) // 2  # tokens t with 2t // n == 0
+    expected = (parts[item, 0] * first_part + parts[item, 1] * (n - first_part)) / n
+    torch.testing.assert_close(expected, whole.item_text_states[item, 0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(parts[item, 0], parts[item, 1])
 
 
 def test_pack_rows_places_every_token_once_and_unpacks_it_back():
@@ -213,8 +252,9 @@ def test_items_only_their_text_can_find(tmp_path):
     model_result = trainer.evaluate(test_data, load_best_model=False)
 
     # Baseline: a user is the mean of the (whitened) text states of their history, scored by cosine.
-    mean, projection = pca_whitening(model.item_text_states[1:], 16)
-    text = F.normalize((model.item_text_states - mean) @ projection, dim=-1)
+    states = model.item_text_states[:, 0]  # one position per item: the mean over its whole text
+    mean, projection = pca_whitening(states[1:], 16)
+    text = F.normalize((states - mean) @ projection, dim=-1)
     ranks = []
     for batch in test_data:
         interaction = batch[0]
@@ -240,8 +280,8 @@ def test_item_pass_sees_only_the_items_own_tokens(tmp_path, text_data):
 
     fresh = load_backbone("random:llama", None, config["llm_random_config"])
     ids, lengths = model.item_token_ids, model.item_token_len
-    together, _ = encode_item_text(fresh, ids, lengths, 1, True, batch_size=64)
-    alone, _ = encode_item_text(fresh, ids[5:6], lengths[5:6], 1, True, batch_size=1)
+    together, _, _ = encode_item_text(fresh, ids, lengths, 1, True, batch_size=64)
+    alone, _, _ = encode_item_text(fresh, ids[5:6], lengths[5:6], 1, True, batch_size=1)
     torch.testing.assert_close(together[5], alone[0], rtol=1e-4, atol=1e-5)
     assert len(backbone.layers) == 1  # only the sequence layers are kept in the model
 

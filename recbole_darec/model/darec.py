@@ -4,8 +4,9 @@ reads the user's item history as text.
 The history reaches the LLM in two stages of one backbone (as HLLM, arXiv 2409.12740, uses two models):
 - the lower layers read each item's text alone, once: their output at the item's last token is computed once per
   item and cached (item_states.py); they carry no adapters;
-- the top ``sequence_layers`` layers, with the adapters, read the history one position per item:
-  ``[first] ([CF_USER]) item_1 ... item_L`` under a causal mask, where item k is its text state plus its ID vector
+- the top ``sequence_layers`` layers, with the adapters, read the history as ``item_positions`` (K) positions per
+  item: ``[first] ([CF_USER]) item_1 ... item_L`` under the context mask (an item's positions see each other both
+  ways, earlier items causally), where item k's positions are the states of K parts of its text plus its ID vector
   mapped into the LLM (and its CF vector, cf_injection.py).
 The state after item k, through ``user_proj``, scores every item's vector: its whitened text state through
 ``item_proj`` plus its ID embedding. ``calculate_loss`` (darec_core.py) is L_next (one softmax over all items at every
@@ -23,7 +24,7 @@ from torch import nn
 from recbole_darec.model.backbone import outputs_only_at
 from recbole_darec.model.darec_core import DARecCore, NextItemTerms
 from recbole_darec.model.item_states import drop_lower_layers, read_item_text
-from recbole_darec.model.layout import pack_rows
+from recbole_darec.model.layout import PAD_BLOCK, pack_rows
 
 # Histories are packed into rows of at least this many positions: the attention over a row (masked, but computed
 # in full) stays small against the per-position layers.
@@ -40,13 +41,16 @@ class DARec(DARecCore):
         if not 0 < sequence_layers < n_layers:
             raise ValueError(f"sequence_layers={config['sequence_layers']}: must be between 1 and {n_layers - 1} "
                              f"(the backbone keeps {n_layers} layers: llm_layers).")
+        self.item_positions = int(config["item_positions"] or 1)
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
-                                   int(config["whiten_dim"] or hidden_size))
+                                   int(config["whiten_dim"] or hidden_size), n_segments=self.item_positions)
         drop_lower_layers(self.llm, self.n_item_layers)
         self.register_buffer("item_token_ids", item_text.token_ids, persistent=False)  # (n_items, item_max_tokens)
         self.register_buffer("item_token_len", item_text.token_len, persistent=False)  # (n_items,)
-        self.register_buffer("item_text_states", item_text.states, persistent=False)  # (n_items, H), frozen
+        # What an item puts into the history: its text as K positions (K parts of its text) or one (all of it).
+        history_states = item_text.states[:, None] if self.item_positions == 1 else item_text.segment_states
+        self.register_buffer("item_text_states", history_states, persistent=False)  # (n_items, K, H), frozen
         self.register_buffer("first_token_state", item_text.first_token_state, persistent=False)  # (H,)
         self.register_buffer("item_text_features", item_text.features, persistent=False)  # (n_items, W)
         return item_text.features.shape[1]
@@ -60,40 +64,48 @@ class DARec(DARecCore):
 
     def encode_histories(self, seq_items: torch.Tensor, seq_len: torch.Tensor, user_ids: torch.Tensor | None = None,
                          last_only: bool = False) -> torch.Tensor:
-        """User states after each item, (B, L, H), from the top layers over one position per item; ``last_only``:
+        """User states after each item, (B, L, H), from the top layers over K positions per item; ``last_only``:
         the state after each history's last item only, (B, H), at about half the cost.
 
-        A fixed first token takes the attention-sink position of a pre-norm decoder, so no item or user vector has
+        History: ``[first] ([CF_USER]) item_1 ... item_L``, item j as K positions in one block of the context mask:
+        they see each other both ways and earlier items causally; the user after item j is its last position. A
+        fixed first token takes the attention-sink position of a pre-norm decoder, so no item or user vector has
         to sit there. Several histories share a row of the LLM pass (``pack_rows``), each with positions from 0.
         """
         batch, n_slots = seq_items.shape
+        k = self.item_positions
         slot_valid = torch.arange(n_slots, device=seq_items.device)[None, :] < seq_len[:, None]  # (B, L)
         # Only the items the histories hold (V of them, history after history): padding is most of a batch.
         item_ids = seq_items[slot_valid]  # (V,)
-        items = self.item_text_states[item_ids]  # (V, H)
+        items = self.item_text_states[item_ids]  # (V, K, H)
         if self.use_item_id:
-            items = items + self.id_to_hidden(self.item_id_vectors(item_ids))
+            items = items + self.id_to_hidden(self.item_id_vectors(item_ids))[:, None]
         prefix = [self.first_token_state.expand(batch, -1)]
         if self.cf_injection is not None:
             user_vec, item_add = self.cf_injection.vectors(user_ids, seq_items, slot_valid)
-            items = items + item_add[slot_valid]
+            items = items + item_add[slot_valid][:, None]
             if user_vec is not None:
                 prefix.append(user_vec)
         n_prefix = len(prefix)
-        rows = pack_rows(n_prefix + seq_len, n_prefix + n_slots, PACKED_ROW_TOKENS, multiple=self.pad_tokens_to)
-        position = torch.arange(batch * (n_prefix + n_slots), device=seq_items.device).view(batch, -1)  # (B, P+L)
-        tokens = torch.cat([torch.stack(prefix, 1).flatten(0, 1), self.dropout(items)])  # (B*P + V, H)
-        at = torch.cat([position[:, :n_prefix].flatten(), position[:, n_prefix:][slot_valid]])  # their flat positions
+        width = n_prefix + n_slots * k
+        rows = pack_rows(n_prefix + seq_len * k, width, PACKED_ROW_TOKENS, multiple=self.pad_tokens_to)
+        position = torch.arange(batch * width, device=seq_items.device).view(batch, -1)  # (B, P+L*K)
+        item_at = position[:, n_prefix:].view(batch, n_slots, k)[slot_valid]  # (V, K) flat positions of items
+        tokens = torch.cat([torch.stack(prefix, 1).flatten(0, 1), self.dropout(items).flatten(0, 1)])  # (B*P+V*K, H)
+        at = torch.cat([position[:, :n_prefix].flatten(), item_at.flatten()])  # their flat positions
         inputs = rows.pack_tokens(tokens, at)  # (R, C, H)
+        # Block of each history position: the prefix's own ones, then one per item.
+        slot_block = torch.arange(width, device=seq_items.device)
+        slot_block[n_prefix:] = n_prefix + torch.arange(n_slots * k, device=seq_items.device) // k
+        block_ids = rows.pack(slot_block.expand(batch, -1), fill=PAD_BLOCK)  # (R, C)
 
         def llm_pass() -> torch.Tensor:  # (R, C, H)
-            # One block per position within its history: the block-causal mask over a segment is a causal one.
-            return self(inputs, rows.positions, context_masking=True, segment_ids=rows.segment_ids,
-                        position_ids=rows.positions.clamp(min=0))
+            return self(inputs, block_ids, segment_ids=rows.segment_ids, position_ids=rows.positions.clamp(min=0))
 
+        last_of_item = n_prefix + torch.arange(n_slots, device=seq_items.device) * k + k - 1  # (L,)
         if not last_only:
-            return rows.unpack(llm_pass())[:, n_prefix:]  # (B, L, H)
-        last_slots = rows.output_index.view(batch, -1)[torch.arange(batch), n_prefix + seq_len - 1]  # (B,)
+            return rows.unpack(llm_pass())[:, last_of_item]  # (B, L, H)
+        last_slots = rows.output_index.view(batch, -1)[torch.arange(batch), last_of_item[seq_len - 1]]  # (B,)
         with outputs_only_at(self.backbone.layers[-1], last_slots):
             hidden = llm_pass()
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_slots)  # (B, H)

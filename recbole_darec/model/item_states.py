@@ -61,12 +61,14 @@ def encode_item_text(
     context_masking: bool,
     batch_size: int = 64,
     bf16: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(item states (n_items, H), first-token state (H,)): the residual stream after ``n_item_layers`` layers,
-    mean-pooled over each item's own tokens; the first-token state is the backbone's BOS token read alone.
+    n_segments: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(item states (n_items, H), first-token state (H,), segment states (n_items, n_segments, H) or None for one
+    segment): the residual stream after ``n_item_layers`` layers, mean-pooled over each item's own tokens, and over
+    ``n_segments`` contiguous, near-equal parts of them; the first-token state is the backbone's BOS token read alone.
 
     ``context_masking``: the tokens of an item see each other both ways (block mask); otherwise causally.
-    Items without text get a zero state.
+    Items without text get zero states; an item of fewer tokens than segments repeats its mean in the empty ones.
     """
     model = backbone.model
     layers = decoder_layers(model)
@@ -92,46 +94,62 @@ def encode_item_text(
             model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions.expand_as(ids), use_cache=False)
         hidden = captured[0].float()  # (N, T, H)
         valid = (block_ids == 0).float()[..., None]
-        return (hidden * valid).sum(1) / valid.sum(1).clamp_min(1.0)  # (N, H)
+        pooled = (hidden * valid).sum(1) / valid.sum(1).clamp_min(1.0)  # (N, H)
+        if n_segments == 1:
+            return pooled, None
+        segment = positions[None, :] * n_segments // lengths[:, None].clamp_min(1)  # (N, T): token t's part
+        parts = []
+        for k in range(n_segments):
+            in_part = valid * (segment == k)[..., None]
+            count = in_part.sum(1)
+            parts.append(torch.where(count > 0, (hidden * in_part).sum(1) / count.clamp_min(1.0), pooled))
+        return pooled, torch.stack(parts, 1)  # (N, H), (N, K, H)
 
     states = torch.zeros(len(token_ids), backbone.hidden_size)
+    segments = torch.zeros(len(token_ids), n_segments, backbone.hidden_size) if n_segments > 1 else None
     try:
         with only_layers(model, 0, n_item_layers):
             order = torch.argsort(token_len, descending=True)  # similar lengths together: little padding
             order = order[token_len[order] > 0]
             for chunk in order.split(batch_size):
                 longest = int(token_len[chunk].max())
-                states[chunk] = run(token_ids[chunk, :longest], token_len[chunk])
+                states[chunk], chunk_segments = run(token_ids[chunk, :longest], token_len[chunk])
+                if segments is not None:
+                    segments[chunk] = chunk_segments
             bos = getattr(model.config, "bos_token_id", None)
-            first = run(torch.tensor([[bos if bos is not None else 0]]), torch.tensor([1]))[0]
+            first = run(torch.tensor([[bos if bos is not None else 0]]), torch.tensor([1]))[0][0]
     finally:
         hook.remove()
         model.train(was_training)
-    return states, first
+    return states, first, segments
 
 
 def cached_item_text_states(
     backbone: Backbone, token_ids: torch.Tensor, token_len: torch.Tensor, n_item_layers: int,
-    context_masking: bool, cache_dir: str | None, batch_size: int = 64, bf16: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encode_item_text`` with an on-disk cache keyed by the backbone, the split, the mask and the token ids."""
+    context_masking: bool, cache_dir: str | None, batch_size: int = 64, bf16: bool = False, n_segments: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``encode_item_text`` with an on-disk cache keyed by the backbone, the split, the mask, the segments and the
+    token ids."""
     digest = hashlib.sha256()
-    for part in (backbone.name, str(n_item_layers), str(context_masking), str(bf16)):
+    parts = [backbone.name, str(n_item_layers), str(context_masking), str(bf16)]
+    if n_segments > 1:  # one segment: the files written before segments existed
+        parts.append(f"segments={n_segments}")
+    for part in parts:
         digest.update(part.encode("utf-8") + b"\0")
     digest.update(token_ids.numpy().tobytes())
     digest.update(token_len.numpy().tobytes())
     path = os.path.join(cache_dir, f"item_states-{digest.hexdigest()[:24]}.pt") if cache_dir else None
     if path and os.path.isfile(path):
         cached = torch.load(path, weights_only=True)
-        return cached["states"], cached["first"]
+        return cached["states"], cached["first"], cached.get("segments")
     start = time.perf_counter()
-    states, first = encode_item_text(backbone, token_ids, token_len, n_item_layers, context_masking, batch_size,
-                                     bf16)
+    states, first, segments = encode_item_text(backbone, token_ids, token_len, n_item_layers, context_masking,
+                                               batch_size, bf16, n_segments)
     logger.info(f"Item text states: {len(states)} items through {n_item_layers} layers in "
                 f"{time.perf_counter() - start:.0f} s" + (f", cached in {path}" if path else ""))
     if path:
-        atomic_torch_save({"states": states, "first": first}, path)
-    return states, first
+        atomic_torch_save({"states": states, "first": first, "segments": segments}, path)
+    return states, first, segments
 
 
 def pca_whitening(states: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,19 +177,21 @@ class ItemText:
     states: torch.Tensor  # (n_items, H): the state after the lower layers at each item's last token
     first_token_state: torch.Tensor  # (H,): a fixed first token's state after the same layers
     features: torch.Tensor  # (n_items, whiten_dim): the states whitened
+    segment_states: torch.Tensor | None  # (n_items, K, H): the states of K parts of each item's text (K > 1)
 
 
 def read_item_text(backbone: Backbone, item_sentences: list[str], config, n_text_layers: int,
-                   whiten_dim: int) -> ItemText:
+                   whiten_dim: int, n_segments: int = 1) -> ItemText:
     """Tokenise, encode through the first ``n_text_layers`` layers (both cached on disk) and whiten every item's
     text. The whitening is fitted on item text alone (no interaction data), so it leaks nothing."""
     token_ids, token_len = cached_item_tokens(
         item_sentences, backbone.tokenizer, int(config["item_max_tokens"]), backbone.tokenizer.name,
         config["item_text_cache_dir"],
     )
-    states, first = cached_item_text_states(
+    states, first, segments = cached_item_text_states(
         backbone, token_ids, token_len, n_text_layers, bool(config["context_masking"]),
         config["item_text_cache_dir"], int(config["item_encode_batch_size"]), bf16=bool(config["item_encode_bf16"]),
+        n_segments=n_segments,
     )
     mean, projection = pca_whitening(states[1:], whiten_dim)
-    return ItemText(token_ids, token_len, states, first, (states - mean) @ projection)
+    return ItemText(token_ids, token_len, states, first, (states - mean) @ projection, segments)
