@@ -162,12 +162,13 @@ def test_switching_cf_model_changes_the_parameter_set(prepared):
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     hidden = 32
-    projections = 2 * (64 * hidden + hidden + hidden * hidden + hidden)  # two 2-layer MLPs from 64 to hidden
+    projections = 64 * hidden + hidden + hidden * hidden + hidden  # the items' 2-layer MLP from 64 to hidden
     assert count(models["BPR"]) == count(plain) + (n_users + n_items) * 64 + projections
     assert count(models["LightGCN"]) == count(models["BPR"])
     assert count(models["NeuMF"]) > count(models["BPR"])
 
-    small = prepared.model(cf_model="LightGCN", cf_config={"embedding_size": 16, "n_layers": 1})
+    small = prepared.model(cf_model="LightGCN", cf_config={"embedding_size": 16, "n_layers": 1},
+                           cf_user_vector=True)
     assert cf_parameters(small)["user_embedding.weight"] == (n_users, 16)
     assert small.cf_injection.cf_model.n_layers == 1
     assert small.cf_injection.user_projection[0].in_features == 16
@@ -183,8 +184,9 @@ def test_unknown_cf_model_fails_at_start_with_the_supported_names(prepared, name
 # ---------------------------------------------------------------- injection and L_cf
 
 
-def test_inject_puts_the_user_vector_first_and_adds_item_vectors_at_item_tokens(prepared):
-    model = prepared.model(cf_model="BPR")
+@pytest.mark.parametrize("user_vector", [True, False])
+def test_inject_puts_the_user_vector_first_and_adds_item_vectors_at_item_tokens(prepared, user_vector):
+    model = prepared.model(cf_model="BPR", cf_user_vector=user_vector)
     cf = model.cf_injection
     torch.nn.init.normal_(cf.item_projection[-1].weight)  # zero at init: make the addition visible
     sequences, lengths = prepared.train.training_sequences()
@@ -201,8 +203,9 @@ def test_inject_puts_the_user_vector_first_and_adds_item_vectors_at_item_tokens(
     assert torch.equal(embeds.detach(), before)
 
     with torch.no_grad():
-        user_token = cf.user_projection(cf.cf_model.user_embedding(users))
         item_add = cf.item_projection(cf.cf_model.item_embedding(sequences))
+        # Off (the default): position 0 keeps its [CF_USER] embedding: nothing of the user's CF vector enters.
+        user_token = cf.user_projection(cf.cf_model.user_embedding(users)) if user_vector else before[:, 0]
     torch.testing.assert_close(out[:, 0], user_token)
     rows, slots = valid.nonzero(as_tuple=True)
     torch.testing.assert_close(out[rows, boundaries[rows, slots]], before[rows, boundaries[rows, slots]]
@@ -215,7 +218,7 @@ def test_inject_puts_the_user_vector_first_and_adds_item_vectors_at_item_tokens(
 
 @pytest.mark.parametrize("name", sorted(CF_VECTOR_READERS))
 def test_cf_loss_trains_the_cf_model_and_the_projections(prepared, name):
-    model = prepared.model(cf_model=name)
+    model = prepared.model(cf_model=name, cf_user_vector=True)
     batch = prepared.train.inter_feat
     losses = model.calculate_loss(batch)
     assert len(losses) == 4  # L_next, L_align, L_hard, L_cf
@@ -225,6 +228,7 @@ def test_cf_loss_trains_the_cf_model_and_the_projections(prepared, name):
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "embedding" in n), name
     assert grads["cf_injection.user_projection.0.weight"].abs().sum() > 0
     assert grads["cf_injection.item_projection.2.weight"].abs().sum() > 0
+    assert not any("user_projection" in n for n, _ in prepared.model(cf_model=name).named_parameters())
 
 
 def test_cf_negatives_avoid_the_users_training_items(prepared):

@@ -24,13 +24,20 @@ def item_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
     return darec_settings(tmp_path, data_path, **settings)
 
 
+CF_INPUTS = {"no-cf": {}, "cf=BPR": {"cf_model": "BPR"},
+             "cf=BPR-position": {"cf_model": "BPR", "cf_as_position": True},
+             "cf=BPR+user": {"cf_model": "BPR", "cf_user_vector": True}}
+
+
 @pytest.mark.parametrize("item_positions", [1, 3])
-@pytest.mark.parametrize("cf_model", [None, "BPR"], ids=["no-cf", "cf=BPR"])
+@pytest.mark.parametrize("cf", list(CF_INPUTS))
 @pytest.mark.parametrize("llm_path", BACKBONES)
-def test_no_future_leakage(tmp_path, text_data, llm_path, cf_model, item_positions):
+def test_no_future_leakage(tmp_path, text_data, llm_path, cf, item_positions):
     _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], llm_path=llm_path,
-                                                                   cf_model=cf_model, item_positions=item_positions))
+                                                                   item_positions=item_positions, **CF_INPUTS[cf]))
     model.eval()
+    if model.cf_injection is not None:  # zero at init: make the CF inputs count
+        torch.nn.init.normal_(model.cf_injection.item_projection[-1].weight)
     seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0]])
     seq_len = torch.tensor([5, 3])
     users = torch.tensor([1, 2])
@@ -157,6 +164,29 @@ def test_history_positions_of_an_item_are_the_parts_of_its_text(tmp_path, text_d
     expected = (parts[item, 0] * first_part + parts[item, 1] * (n - first_part)) / n
     torch.testing.assert_close(expected, whole.item_text_states[item, 0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(parts[item, 0], parts[item, 1])
+
+
+@pytest.mark.parametrize("cf", ["cf=BPR", "cf=BPR-position", "cf=BPR+user"])
+def test_cf_injection_acts_only_through_the_cf_vectors_of_its_inputs(tmp_path, text_data, cf):
+    """The user states read the CF vectors of the history's items (and the user's own only with cf_user_vector):
+    changing an item's CF vector changes the histories that hold it and no other."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], item_positions=2,
+                                                                   **CF_INPUTS[cf]))
+    model.eval()
+    torch.nn.init.normal_(model.cf_injection.item_projection[-1].weight)
+    seq, seq_len, users = torch.tensor([[3, 9, 14], [5, 6, 0]]), torch.tensor([3, 2]), torch.tensor([1, 2])
+    cf_model = model.cf_injection.cf_model
+    with torch.no_grad():
+        base = model.encode_histories(seq, seq_len, users)
+        cf_model.item_embedding.weight[9] += 1.0  # an item of history 0 only
+        changed = model.encode_histories(seq, seq_len, users)
+        assert (changed[0, 1:] - base[0, 1:]).abs().max() > 1e-4
+        torch.testing.assert_close(changed[0, :1], base[0, :1], rtol=0, atol=1e-6)  # before item 9
+        torch.testing.assert_close(changed[1], base[1], rtol=0, atol=1e-6)
+        cf_model.user_embedding.weight[2] += 1.0  # the user of history 1
+        user_changed = model.encode_histories(seq, seq_len, users)
+    assert torch.equal(user_changed[0], changed[0])
+    assert bool((user_changed[1, :2] - changed[1, :2]).abs().max() > 1e-4) == (cf == "cf=BPR+user")
 
 
 def test_pack_rows_places_every_token_once_and_unpacks_it_back():

@@ -101,6 +101,7 @@ class CFInjection(nn.Module):
         self._read = CF_VECTOR_READERS[self.name]
         self.cf_trainable = bool(config["cf_trainable"]) if config["cf_trainable"] is not None else True
         self.lambda_cf = float(config["lambda_cf"] or 0.0) if self.cf_trainable else 0.0  # frozen: no L_cf
+        self.user_vector = bool(config["cf_user_vector"])
 
         checkpoint_path = config["cf_checkpoint"]
         checkpoint = load_trusted_checkpoint(checkpoint_path, map_location="cpu") if checkpoint_path else None
@@ -147,7 +148,7 @@ class CFInjection(nn.Module):
         with torch.no_grad():  # vector sizes, read from the model rather than from per-family config keys
             user_vecs, item_vecs = self._read(self.cf_model, torch.zeros(1, dtype=torch.long),
                                               torch.zeros(1, dtype=torch.long))
-        self.user_projection = _projection(user_vecs.shape[-1], hidden_size)
+        self.user_projection = _projection(user_vecs.shape[-1], hidden_size) if self.user_vector else None
         self.item_projection = _projection(item_vecs.shape[-1], hidden_size)
         # Item vectors are added to the [ITEM] embedding: starting that addition at zero keeps the backbone's text
         # states intact at the start, and the CF signal grows in as the projection trains.
@@ -225,12 +226,12 @@ class CFInjection(nn.Module):
 
     def vectors(self, user_ids: torch.Tensor | None, seq_items: torch.Tensor,
                 slot_valid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(user vector (B, H) or None without user ids, item vectors (B, L, H), zero in empty slots), projected
-        to the LLM's hidden size."""
+        """(user vector (B, H), or None without user ids or ``cf_user_vector``, item vectors (B, L, H), zero in empty
+        slots), projected to the LLM's hidden size."""
         user_vecs, item_vecs = self._vectors(user_ids, seq_items.reshape(-1))
         item_add = self.item_projection(item_vecs).view(*seq_items.shape, -1)  # (B, L, H)
         item_add = torch.where(slot_valid[..., None], item_add, 0.0)
-        user_token = None if user_ids is None else self.user_projection(user_vecs)
+        user_token = None if user_ids is None or not self.user_vector else self.user_projection(user_vecs)
         return user_token, item_add
 
     # ----- L_cf ---------------------------------------------------------------------------------------------

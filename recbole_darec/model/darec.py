@@ -7,7 +7,7 @@ The history reaches the LLM in two stages of one backbone (as HLLM, arXiv 2409.1
 - the top ``sequence_layers`` layers, with the adapters, read the history as ``item_positions`` (K) positions per
   item: ``[first] ([CF_USER]) item_1 ... item_L`` under the context mask (an item's positions see each other both
   ways, earlier items causally), where item k's positions are the states of K parts of its text plus its ID vector
-  mapped into the LLM (and its CF vector, cf_injection.py).
+  mapped into the LLM, and its CF vector (cf_injection.py) added to them or as one more position of the item.
 The state after item k, through ``user_proj``, scores every item's vector: its whitened text state through
 ``item_proj`` plus its ID embedding. ``calculate_loss`` (darec_core.py) is L_next (one softmax over all items at every
 item boundary) plus L_align, L_hard and L_cf.
@@ -42,6 +42,7 @@ class DARec(DARecCore):
             raise ValueError(f"sequence_layers={config['sequence_layers']}: must be between 1 and {n_layers - 1} "
                              f"(the backbone keeps {n_layers} layers: llm_layers).")
         self.item_positions = int(config["item_positions"] or 1)
+        self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
                                    int(config["whiten_dim"] or hidden_size), n_segments=self.item_positions)
@@ -73,7 +74,6 @@ class DARec(DARecCore):
         to sit there. Several histories share a row of the LLM pass (``pack_rows``), each with positions from 0.
         """
         batch, n_slots = seq_items.shape
-        k = self.item_positions
         slot_valid = torch.arange(n_slots, device=seq_items.device)[None, :] < seq_len[:, None]  # (B, L)
         # Only the items the histories hold (V of them, history after history): padding is most of a batch.
         item_ids = seq_items[slot_valid]  # (V,)
@@ -83,10 +83,11 @@ class DARec(DARecCore):
         prefix = [self.first_token_state.expand(batch, -1)]
         if self.cf_injection is not None:
             user_vec, item_add = self.cf_injection.vectors(user_ids, seq_items, slot_valid)
-            items = items + item_add[slot_valid][:, None]
+            item_cf = item_add[slot_valid][:, None]  # (V, 1, H)
+            items = torch.cat([items, item_cf], 1) if self.cf_as_position else items + item_cf
             if user_vec is not None:
                 prefix.append(user_vec)
-        n_prefix = len(prefix)
+        n_prefix, k = len(prefix), items.shape[1]  # k positions per item in this pass
         width = n_prefix + n_slots * k
         rows = pack_rows(n_prefix + seq_len * k, width, PACKED_ROW_TOKENS, multiple=self.pad_tokens_to)
         position = torch.arange(batch * width, device=seq_items.device).view(batch, -1)  # (B, P+L*K)
