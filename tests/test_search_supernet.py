@@ -145,6 +145,21 @@ def test_fixed_architecture_is_deterministic_and_refreshes_item_vectors(
 # ---------------------------------------------------------------- search end to end
 
 
+def test_search_over_eight_history_layers_of_darec_lets_bo_propose(isolated_run, tiny_dataset, fast_config):
+    """DARec with 8 history layers (K = 2 positions per item): both adapters in each, 256 candidates, more than
+    the random start, so BO proposes the trials after it."""
+    config_dict = darec_config(tiny_dataset, fast_config, isolated_run, search="bo", search_n_init=3, search_n_iter=3,
+                               sequence_layers=8, item_positions=2, whiten_dim=16,
+                               llm_random_config={"hidden_size": 32, "num_hidden_layers": 9, "num_attention_heads": 2,
+                                                  "ffn": 64})
+    result = run_darec(model="DARec", dataset=TINY_DATASET, config_dict=config_dict)
+    trials = TrialLog(search_paths(Config(model="DARec", dataset=TINY_DATASET, config_dict=config_dict),
+                                   "bo").trial_log).read()
+    assert [t.method for t in trials] == ["random"] * 3 + ["bo"] * 3
+    assert all(len(t.arch) == 8 for t in trials) and len({t.arch for t in trials}) == 6
+    assert len(result["adapter_arch"]) == 8
+
+
 def test_search_bo_end_to_end_trains_the_best_architecture(isolated_run, tiny_dataset, fast_config):
     config_dict = darec_config(tiny_dataset, fast_config, isolated_run, search="bo")
     result = run_darec(model="DARecTokens", dataset=TINY_DATASET, config_dict=config_dict)
