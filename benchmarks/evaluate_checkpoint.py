@@ -13,15 +13,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+
+from common import parse_overrides
 
 import recbole_darec  # noqa: F401  (compat first)
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.recommend import Recommender
 from recbole_darec.utils import get_trainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import parse_overrides  # noqa: E402
 
 
 def main() -> None:

@@ -2,14 +2,15 @@
 
     python benchmarks/memory.py --dataset=amazon-scientific
 
-Token-level DARec (the paper's layout: every layer reads every token) on the pretrained SmolLM2-135M truncated to
-``--layers``, with its adapters and the context mask, on rows of 33-token items (32 text tokens + ``[ITEM]``).
+Token-level DARec (``DARecTokens``, the paper's layout: every layer reads every token) on the pretrained
+SmolLM2-135M truncated to ``--layers``, with its adapters and the context mask, on rows of 33-token items (32 text
+tokens + ``[ITEM]``).
 Settings compared: ``attention: eager`` (the dense reference: every layer keeps its attention probabilities),
 ``attention: sdpa`` (the default) and sdpa with ``gradient_checkpointing``. Each setting runs in its own process
 with glibc's mmap threshold fixed, so freed tensors leave the process and its peak RSS (VmHWM, reset before each
 measured step) is the step's own. Prints a markdown table, the growth per doubling of the tokens and an estimate
 for the paper profile's batches of the dataset (64 users, their last 50 items at 33 tokens): histories padded to the
-batch's longest (before commit 2465e35's packing) and packed several to a row; writes ``--out`` (json).
+batch's longest (no packing) and packed several to a row (as DARec runs them); writes ``--out`` (json).
 ``--from_json`` writes the report of an earlier measurement again, with the batches counted anew.
 
     python benchmarks/memory.py --dataset=amazon-scientific --paper_step --rows 64
@@ -31,9 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from run import default_data_path, load_profile, parse_overrides, row_config  # noqa: E402
+from common import ROOT, default_data_path, full_sequence, load_profile, parse_overrides, row_config
 
 SETTINGS = {
     "eager": {"attention": "eager", "gradient_checkpointing": False},
@@ -58,11 +57,11 @@ def measure_child(args) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     layers = args.layers[0]
-    settings = {"data_path": args.data_path, "history_input": "tokens", "llm_layers": layers,
+    settings = {"data_path": args.data_path, "llm_layers": layers,
                 "item_max_tokens": ITEM_TOKENS - 1, "item_text_cache_dir": args.cache_dir, "state": "WARNING",
                 "show_progress": False, "llm_bf16": False,  # float32 on every machine: the table's reference
                 **SETTINGS[args.setting]}
-    config = Config(model="DARec", dataset=args.dataset, config_dict=settings)
+    config = Config(model="DARecTokens", dataset=args.dataset, config_dict=settings)
     _, train_data, _, _ = load_data(config)
     model = build_model(config, train_data._dataset)
     model.train()
@@ -92,7 +91,6 @@ def measure_child(args) -> list[dict]:
 
 def measure_paper_step(args) -> dict:
     import torch
-    from speed import full_sequence
 
     from recbole_darec.config import Config
     from recbole_darec.data import load_data
@@ -162,8 +160,8 @@ def paper_batch_tokens(dataset: str, data_path: str, cache_dir: str, batches: in
     from recbole_darec.data.item_text import cached_item_tokens
     from recbole_darec.model.backbone import load_backbone
 
-    config = Config(model="DARec", dataset=dataset, config_dict={
-        "data_path": data_path, "history_input": "tokens", "MAX_ITEM_LIST_LENGTH": PAPER["items"], "state": "WARNING",
+    config = Config(model="DARecTokens", dataset=dataset, config_dict={
+        "data_path": data_path, "MAX_ITEM_LIST_LENGTH": PAPER["items"], "state": "WARNING",
         "train_batch_size": PAPER["rows"], "show_progress": False, "item_max_tokens": ITEM_TOKENS - 1})
     _, train_data, _, _ = load_data(config)
     tokenizer = load_backbone(config["llm_path"], 1).tokenizer

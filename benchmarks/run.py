@@ -22,56 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from common import METRICS, ROOT, default_data_path, load_profile, parse_overrides, row_config
 
 from recbole_darec.provenance import code_version, git_commit
 
-ROOT = Path(__file__).resolve().parents[1]
-METRICS = ["recall@10", "recall@50", "ndcg@10", "ndcg@50", "mrr@10", "mrr@50"]
 DEFAULT_MODELS = "DARec,DARecbase,SASRec,GRU4Rec,BERT4Rec"
 # Settings that are the row's own paths (RecBole rewrites data_path into data_path/dataset in its config).
 ROW_PATHS = ("data_path", "checkpoint_dir", "item_text_cache_dir")
-
-
-def default_data_path(dataset: str) -> str | None:
-    """The project's dataset/ folder, else the prepared shared copy beside the checkout (amazon-scientific)."""
-    for root in (ROOT / "dataset", ROOT.parent / "shared" / "datasets"):
-        if (root / dataset / f"{dataset}.inter").is_file():
-            return str(root)
-    return None
-
-
-def load_profile(name: str) -> dict:
-    """``benchmarks/profiles/<name>.yaml``, or a yaml file given by its path."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "benchmarks" / "profiles" / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"--profile: {path} not found")
-    return yaml.safe_load(path.read_text())
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``--set KEY=VALUE`` flags as settings, each value read as yaml (``~`` = None, ``[1, 2]`` = a list)."""
-    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
-
-
-def row_config(profile: dict, variant: str, seed: int, data_path: str | None, out_dir: Path,
-               overrides: dict) -> tuple[str, dict]:
-    if variant not in profile["variants"]:
-        raise SystemExit(f"--models: unknown variant '{variant}'; the profile defines {', '.join(profile['variants'])}")
-    if "checkpoint_dir" in overrides:
-        raise SystemExit("--set checkpoint_dir: a row keeps its checkpoints in <--out>/saved, where an interrupted "
-                         "row resumes from; choose the folder with --out instead")
-    settings = {**profile.get("common", {}), **profile["variants"][variant], **overrides}
-    model = settings.pop("model")
-    settings.update({"seed": seed, "checkpoint_dir": str(out_dir / "saved")})
-    # The item text cache depends only on the backbone and the item text, so rows of other result folders may
-    # share one (--set item_text_cache_dir=...) instead of computing it again. Resolved here: rows run in out_dir.
-    cache_dir = overrides.get("item_text_cache_dir")
-    settings["item_text_cache_dir"] = str(Path(cache_dir).resolve() if cache_dir
-                                          else out_dir / "saved" / "item_text_cache")
-    if data_path:
-        settings["data_path"] = data_path
-    return model, settings
 
 
 def row_code_version(model: str) -> str:
@@ -137,7 +94,7 @@ def run_row(model: str, dataset: str, settings: dict, result_file: Path) -> None
 
 
 def run_speed(model: str, dataset: str, settings: dict, result_file: Path, steps_only: bool = False) -> None:
-    from speed import measure  # benchmarks/ is sys.path[0] when this file runs as a script
+    from speed import measure
 
     import recbole_darec  # noqa: F401  (compat first)
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from run import METRICS, ROOT, default_data_path, load_profile, parse_overrides, row_config
+from common import METRICS, ROOT, default_data_path, load_profile, parse_overrides, row_config
 
 
 def main() -> None:

@@ -4,9 +4,12 @@
   backbone (no adapters, causal mask) on the same packed tokens (item-level mode: its top layers over the batch's
   item states); the median of 20 steps of each, run in turns, with the quartiles;
 - LLM tokens per epoch: all-position training (one sample per user) vs. RecBole's per-prefix augmentation;
-- evaluation time per user (item vectors built once per evaluation, timed separately): ``full_sort_predict`` over
-  every test user, DARec and an (untrained: its time does not depend on its weights) SASRec on the same batches in
-  turns, the median of 3 passes each.
+- evaluation time per user (item vectors built once per evaluation, timed separately with one user's scores):
+  ``full_sort_predict`` over every test user, DARec and an (untrained: its time does not depend on its weights)
+  SASRec on the same batches in turns, the median of 3 passes each.
+
+Token-level models (``DARecTokens``) are compared with the plain backbone over every token of the history; the
+item-level default (``DARec``, ``DARecbase``) with the plain top layers over its one vector per item.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from common import full_sequence
+from recbole_darec.model.darectokens import DARecTokens
 
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
@@ -94,15 +99,6 @@ class TrainingSteps:
     batch_tokens: int
 
 
-def full_sequence(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch's histories with their target item appended, as ``DARec.calculate_loss`` builds them: items
-    (B, L+1) and lengths (B,)."""
-    item_seq, item_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
-    full_seq = torch.cat([item_seq, torch.zeros_like(item_seq[:, :1])], dim=1)
-    full_seq[torch.arange(len(item_len)), item_len] = batch[model.POS_ITEM_ID]
-    return full_seq, item_len + 1
-
-
 def training_steps(model_name: str, dataset: str, config_dict: dict) -> TrainingSteps:
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
     _, train_data, _, test_data = load_data(config)
@@ -130,7 +126,8 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
         if backward:
             hidden.sum().backward()
 
-    if model.history_input == "items":
+    token_level = isinstance(model, DARecTokens)
+    if not token_level:
         # The same work without DARec: the top layers over the batch's item states, one vector per item.
         drop_lower_layers(plain, model.n_item_layers)
         full_seq = full_seq[:, : int(full_len.max())]
@@ -145,7 +142,7 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
     history_inputs = (rows.pack(embeds).detach(), attention_mask(rows.positions, True, mask_dtype, rows.segment_ids),
                       rows.positions.clamp(min=0))
     plain_steps = {"plain": lambda: plain_pass(*history_inputs)}
-    if model.history_input == "tokens":
+    if token_level:
         # Every token a token-level step runs through the LLM: the histories, the batch's target items alone (with
         # gradient) and the slice of the item-cache refresh (without).
         _, next_items = model._next_positions(full_seq, full_len)
@@ -172,21 +169,21 @@ def measure(model_name: str, dataset: str, config_dict: dict, steps: int = 20, s
     one evaluation through 30 layers would take an hour)."""
     built = training_steps(model_name, dataset, config_dict)
     model, train_data, test_data = built.model, built.train_data, built.test_data
-    figures = {"history_input": model.history_input, "batch_users": built.batch_users,
-               "batch_tokens": built.batch_tokens, **interleaved(built.darec_step, built.plain_steps, steps)}
+    figures = {"batch_users": built.batch_users, "batch_tokens": built.batch_tokens,
+               **interleaved(built.darec_step, built.plain_steps, steps)}
     if steps_only:
         return figures
     # Token level: a full refresh of the training item cache; item level keeps no such cache.
-    refresh_seconds = _timed(model.encode_all_items, 1) if model.history_input == "tokens" else 0.0
+    refresh_seconds = _timed(model.encode_all_items, 1) if isinstance(model, DARecTokens) else 0.0
 
     sequences, lengths = train_data._dataset.training_sequences()
     all_position, per_prefix = tokens_per_epoch(sequences, lengths, model.item_token_len.cpu())
 
-    model.eval()
+    one_user = next(iter(test_data))[0][:1].to(model.device)
 
     def encode_every_item():
-        model._eval_item_vectors = None
-        model._all_item_vectors()
+        model.eval()  # drops the item vectors of the last evaluation: the next prediction builds them again
+        model.full_sort_predict(one_user)
 
     with torch.no_grad():
         item_seconds = _timed(encode_every_item, 1)

@@ -17,8 +17,7 @@ from conftest import TINY_DATASET
 from darec_testing import TINY_LLM
 
 REPO = Path(__file__).resolve().parents[1]
-DAREC_TINY = {"llm_path": "random:llama", "llm_random_config": TINY_LLM, "history_input": "tokens",
-              "item_max_tokens": 8,
+DAREC_TINY = {"llm_path": "random:llama", "llm_random_config": TINY_LLM, "item_max_tokens": 8,
               "MAX_ITEM_LIST_LENGTH": 6, "rec_dim": 32, "adapter_size": 8, "hard_negatives": 3, "epochs": 1,
               "train_batch_size": 64}
 
@@ -28,8 +27,8 @@ def write_profile(folder: Path) -> Path:
         "common": {"show_progress": False, "eval_batch_size": 256, "worker": 0},
         "variants": {
             "SASRec": {"model": "SASRec", "epochs": 1, "train_batch_size": 64, "hidden_size": 16, "inner_size": 32},
-            "DARec": {"model": "DARec", **DAREC_TINY},
-            "search": {"model": "DARec", **DAREC_TINY, "search_epochs": 1, "search_n_init": 2, "search_n_iter": 1,
+            "DARecTokens": {"model": "DARecTokens", **DAREC_TINY},
+            "search": {"model": "DARecTokens", **DAREC_TINY, "search_epochs": 1, "search_n_init": 2, "search_n_iter": 1,
                        "search_valid_users": 10},
         },
     }
@@ -46,23 +45,35 @@ def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProces
     return done
 
 
+SCRIPTS = sorted(path.name for path in (REPO / "benchmarks").glob("*.py") if "__main__" in path.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_imports_its_helpers_from_common_and_prints_its_usage(script, tmp_path):
+    """Scripts share helpers through benchmarks/common.py, not through each other or a sys.path edit, so each one
+    starts from any working folder."""
+    text = (REPO / "benchmarks" / script).read_text()
+    assert "sys.path.insert" not in text and "from run import" not in text
+    assert "usage:" in run_script(script, "--help", cwd=tmp_path).stdout
+
+
 def test_run_writes_the_report_keeps_finished_rows_and_measures_speed(tmp_path, tiny_dataset):
     profile, out = write_profile(tmp_path), tmp_path / "out"
     common = ["--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile), "--out", str(out)]
-    run_script("run.py", *common, "--models", "SASRec,DARec", "--speed", cwd=tmp_path)
+    run_script("run.py", *common, "--models", "SASRec,DARecTokens", "--speed", cwd=tmp_path)
     for name in ("results.md", "results.csv", "runs.json", "ndcg_recall.png", "speed.json"):
         assert (out / name).is_file(), name
     rows = json.loads((out / "runs.json").read_text())
-    assert [row["variant"] for row in rows] == ["SASRec", "DARec"]
+    assert [row["variant"] for row in rows] == ["SASRec", "DARecTokens"]
     assert all(0 <= row["test_result"]["ndcg@10"] <= 1 and row["peak_rss_mb"] > 0 for row in rows)
-    speed = json.loads((out / "speed.json").read_text())["DARec"]
+    speed = json.loads((out / "speed.json").read_text())["DARecTokens"]
     assert speed["step_ratio"] > 0 and speed["tokens_per_epoch_per_prefix"] > speed["tokens_per_epoch_all_position"]
     # Token level: the plain step over every token the DARec step encodes costs more than over the histories alone.
-    assert speed["history_input"] == "tokens" and speed["steps"] == 20
+    assert speed["steps"] == 20
     assert speed["plain_all_step_s"] > speed["plain_step_s"] and speed["step_ratio_plain_all"] < speed["step_ratio"]
     assert speed["step_ratio_iqr"][0] <= speed["step_ratio"] <= speed["step_ratio_iqr"][1]
     table = (out / "results.md").read_text()
-    assert "| SASRec | 1 |" in table and "| DARec | 1 |" in table and "Speed" in table
+    assert "| SASRec | 1 |" in table and "| DARecTokens | 1 |" in table and "Speed" in table
 
     # A second call keeps finished rows with unchanged settings and reruns a row whose settings changed.
     row_file = out / "rows" / "SASRec-seed2020.json"
@@ -81,7 +92,7 @@ def test_run_writes_the_report_keeps_finished_rows_and_measures_speed(tmp_path, 
     assert "KEEPING a row made by other code (0123456789ab" in done.stdout
     assert "Rows kept from other code (--keep_stale_rows): SASRec seed 2020 (code 0123456789ab, commit abc)" in \
         (out / "results.md").read_text()
-    done = run_script("run.py", *common, "--models", "SASRec,DARec", "--seeds", "2020,2021", "--set",
+    done = run_script("run.py", *common, "--models", "SASRec,DARecTokens", "--seeds", "2020,2021", "--set",
                       "hidden_size=8", "--report_only", "--keep_stale_rows", cwd=tmp_path)  # trains nothing
     assert "== SASRec (seed 2021): no finished row, left out (--report_only)" in done.stdout
     assert "== SASRec (seed 2021) ..." not in done.stdout and "| SASRec | 1 |" in (out / "results.md").read_text()
@@ -93,20 +104,20 @@ def test_run_writes_the_report_keeps_finished_rows_and_measures_speed(tmp_path, 
 def test_speed_steps_only_writes_the_step_figures_and_remeasures_when_settings_change(tmp_path, tiny_dataset):
     profile, out = write_profile(tmp_path), tmp_path / "out"
     args = ["--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile), "--out", str(out),
-            "--models", "DARec", "--speed_only", "--steps_only"]
+            "--models", "DARecTokens", "--speed_only", "--steps_only"]
     run_script("run.py", *args, cwd=tmp_path)
-    speed = json.loads((out / "rows" / "DARec.speed.json").read_text())
+    speed = json.loads((out / "rows" / "DARecTokens.speed.json").read_text())
     assert speed["steps"] == 20 and speed["step_ratio_plain_all"] > 0 and "eval_ms_per_user" not in speed
     report = (out / "speed.md").read_text()
-    assert "--steps_only" in report and "| DARec |" in report and "| - | - |" in report  # no eval figures
+    assert "--steps_only" in report and "| DARecTokens |" in report and "| - | - |" in report  # no eval figures
     assert "measuring again" not in run_script("run.py", *args, cwd=tmp_path).stdout
     done = run_script("run.py", *args, "--set", "train_batch_size=32", cwd=tmp_path)
     assert "measured with other code, settings or figures, measuring again" in done.stdout
-    assert json.loads((out / "rows" / "DARec.speed.json").read_text())["batch_users"] <= 32
+    assert json.loads((out / "rows" / "DARecTokens.speed.json").read_text())["batch_users"] <= 32
     # A steps-only row does not stand in for the full figures.
     done = run_script("run.py", *args[:-1], "--set", "train_batch_size=32", cwd=tmp_path)
     assert "measuring again" in done.stdout
-    assert json.loads((out / "rows" / "DARec.speed.json").read_text())["eval_ms_per_user"] > 0
+    assert json.loads((out / "rows" / "DARecTokens.speed.json").read_text())["eval_ms_per_user"] > 0
 
 
 def test_memory_paper_step_measures_one_step_of_the_paper_row_on_its_largest_batch(tmp_path, tiny_dataset):
@@ -148,16 +159,6 @@ def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny
     (out / "search.json").write_text(json.dumps({**summary, "key": "0123456789ab"}))
     assert "its results are not reused" in run_script(*args, cwd=tmp_path).stdout
     assert json.loads((out / "search.json").read_text())["key"] == summary["key"]
-
-
-def test_diagnose_prints_losses_collapse_statistics_and_a_validation_estimate(tmp_path, tiny_dataset):
-    profile = write_profile(tmp_path)
-    done = run_script("diagnose.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile",
-                      str(profile), "--steps", "3", "--every", "2", "--valid_users", "20", cwd=tmp_path)
-    lines = done.stdout.strip().splitlines()
-    steps = [line for line in lines if line.startswith("step")]
-    assert len(steps) == 2 and "users cos" in steps[0] and "items cos" in steps[0]
-    assert lines[-1].startswith("valid users 20: Recall@10")
 
 
 def test_an_interrupted_row_resumes_from_its_last_epoch(tmp_path, tiny_dataset):
@@ -206,7 +207,7 @@ def test_shipped_profiles_name_real_models_and_settings():
 
 def test_a_row_takes_the_item_text_cache_given_by_set_and_refuses_another_checkpoint_dir(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from run import row_config
+    from common import row_config
 
     profile = {"variants": {"DARec": {"model": "DARec"}}}
     _, settings = row_config(profile, "DARec", 2020, None, tmp_path / "out", {})
