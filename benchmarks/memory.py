@@ -113,7 +113,7 @@ def measure_paper_step(args) -> dict:
         return int((packed.block_ids >= 0).sum())
 
     tokens, largest = max(((history_tokens(batch), batch) for batch in train_data), key=lambda pair: pair[0])
-    target_items = len(torch.unique(model._next_positions(*full_sequence(model, largest))[1]))  # encoded afresh
+    target_items = len(torch.unique(model.next_positions(*full_sequence(model, largest))[1]))  # encoded afresh
     batch = largest.to(config["device"])
     cuda = config["device"].type == "cuda"
 

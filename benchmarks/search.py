@@ -48,8 +48,8 @@ def main() -> None:
     from recbole_darec.config import Config
     from recbole_darec.data import load_data
     from recbole_darec.provenance import artefact_key, git_commit
-    from recbole_darec.search import build_supernet, describe_arch, search_architecture, search_paths
-    from recbole_darec.search.supernet import TRIAL_SETTINGS
+    from recbole_darec.search import build_supernet, describe_arch, search_architecture, search_paths, str_to_arch
+    from recbole_darec.search.supernet import trial_settings
     from recbole_darec.search.trial_log import TrialLog
 
     config = Config(model=model, dataset=args.dataset, config_dict=settings)
@@ -60,7 +60,7 @@ def main() -> None:
     summary_file = out_dir / "search.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     # Test metrics (and the supernet time) are reused only from a run with the same settings and code.
-    key = artefact_key(config, TRIAL_SETTINGS)
+    key = artefact_key(config, trial_settings(config["model"]))
     if summary and summary.get("key") != key:
         print(f"{summary_file}: written under other settings or code (key {summary.get('key')}, now {key}); "
               "its results are not reused", flush=True)
@@ -92,7 +92,7 @@ def main() -> None:
     for arch in dict.fromkeys(candidates.values()):
         if arch in tests:
             continue
-        supernet.model.set_adapter_arch([0 if c == "s" else 1 for c in arch])
+        supernet.model.set_adapter_arch(str_to_arch(arch))
         start = time.perf_counter()
         result = supernet.trainer.evaluate(test_data, load_best_model=False, show_progress=False)
         tests[arch] = {key: float(result[key]) for key in METRICS} | {"seconds": time.perf_counter() - start}

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import torch
 from common import full_sequence
-from recbole_darec.model.darectokens import DARecTokens
 
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.model import darec as darec_module
-from recbole_darec.model.backbone import attention_mask_dtype, load_backbone
+from recbole_darec.model.attention import attention_mask_dtype
+from recbole_darec.model.backbone import load_backbone
+from recbole_darec.model.darectokens import DARecTokens
 from recbole_darec.model.item_states import drop_lower_layers
 from recbole_darec.model.layout import pack_items, pack_rows, pack_sequences
 from recbole_darec.model.masks import attention_mask
@@ -128,11 +129,12 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
 
     token_level = isinstance(model, DARecTokens)
     if not token_level:
-        # The same work without DARec: the top layers over the batch's item states, one vector per item.
+        # The same work without DARec: the top layers over the batch's item states, K positions per item.
         drop_lower_layers(plain, model.n_item_layers)
         full_seq = full_seq[:, : int(full_len.max())]
         first = model.first_token_state.expand(len(full_len), 1, -1)
-        embeds, token_counts = torch.cat([first, model.item_text_states[full_seq]], dim=1), 1 + full_len
+        items = model.item_text_states[full_seq].flatten(1, 2)  # (B, L*K, H)
+        embeds, token_counts = torch.cat([first, items], dim=1), 1 + full_len * model.item_positions
     else:
         packed = pack_sequences(full_seq, full_len, model.item_token_ids, model.item_token_len, model.special)
         embeds, token_counts = model._embed(packed.input_ids), (packed.block_ids >= 0).sum(1)
@@ -145,7 +147,7 @@ def training_steps(model_name: str, dataset: str, config_dict: dict) -> Training
     if token_level:
         # Every token a token-level step runs through the LLM: the histories, the batch's target items alone (with
         # gradient) and the slice of the item-cache refresh (without).
-        _, next_items = model._next_positions(full_seq, full_len)
+        _, next_items = model.next_positions(full_seq, full_len)
         fresh = torch.unique(next_items)[: model.fresh_items_per_step or None]
         per_step = -(-(model.n_items - 1) // model.item_cache.refresh_every)
         refreshed = torch.arange(1, per_step + 1, device=fresh.device)
