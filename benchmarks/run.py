@@ -113,6 +113,7 @@ def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
         entry = {"variant": variant, "seeds": len(runs)}
         for key in METRICS:
             values = [r["test_result"][key] for r in runs]
+            entry[key + "_seeds"] = values
             entry[key] = statistics.mean(values)
             entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         for key in ("train_seconds", "test_seconds", "peak_rss_mb", "trainable_parameters"):
@@ -122,8 +123,14 @@ def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
     return table
 
 
-def markdown(table: list[dict], reference: str) -> str:
-    ref = next((e for e in table if e["variant"] == reference), None)
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided Welch t-test p-value of the seeds of two rows (unequal variances)."""
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def markdown(table: list[dict], references: list[str]) -> str:
     lines = ["| model | seeds | R@10 | R@50 | N@10 | N@50 | MRR@10 | MRR@50 | train s | test s | eval ms/user | "
              "peak RSS MB | trainable params |", "|" + "---|" * 13]
     for e in table:
@@ -133,14 +140,27 @@ def markdown(table: list[dict], reference: str) -> str:
             if e["seeds"] > 1:
                 cell += f" ± {e[key + '_std']:.4f}"
             cells.append(cell)
-        if ref and e is not ref and e["seeds"] > 1:
-            spread = max(e["ndcg@10_std"], ref["ndcg@10_std"])
-            if abs(e["ndcg@10"] - ref["ndcg@10"]) <= spread:
-                cells[2] += f" (n.s. vs {reference})"
         lines.append(f"| {e['variant']} | {e['seeds']} | " + " | ".join(cells) + f" | {e['train_seconds']:.0f} | "
                      f"{e['test_seconds']:.0f} | {e['eval_ms_per_user']:.2f} | {e['peak_rss_mb']:.0f} | "
                      f"{int(e['trainable_parameters']):,} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + significance(table, references)
+
+
+def significance(table: list[dict], references: list[str]) -> str:
+    """Each row against each reference row, both with 2+ seeds: ratio of means and Welch p on N@10 and R@10."""
+    lines = []
+    for name in references:
+        ref = next((e for e in table if e["variant"] == name and e["seeds"] > 1), None)
+        for e in table:
+            if ref is None or e is ref or e["seeds"] < 2:
+                continue
+            cells = [f"{e[key] / ref[key]:.3f}x, p = {welch_p(e[key + '_seeds'], ref[key + '_seeds']):.3g}"
+                     for key in ("ndcg@10", "recall@10")]
+            lines.append(f"| {e['variant']} | {name} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return ("\nAgainst each reference (test, mean over seeds; two-sided Welch t-test over the seeds):\n\n"
+            "| model | vs | N@10 | R@10 |\n|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def plot(table: list[dict], path: Path, title: str) -> None:
@@ -181,7 +201,8 @@ def main() -> None:
                         help="keep finished rows made by another code version (they are listed in the report)")
     parser.add_argument("--report_only", action="store_true",
                         help="write the report from the finished rows; train nothing (rows still running are left out)")
-    parser.add_argument("--reference", default="SASRec", help="variant the significance marks compare against")
+    parser.add_argument("--reference", default="SASRec,TextSASRec",
+                        help="comma-separated variants that every row is tested against (Welch p-values)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting in every row (yaml value), e.g. --set epochs=1")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "MODEL", "SETTINGS_JSON", "RESULT_JSON"),
@@ -317,7 +338,7 @@ def main() -> None:
         (out_dir / "speed.md").write_text(header + speed_text)
         print(header + speed_text)
         return
-    text = header + markdown(table, args.reference) + speed_text
+    text = header + markdown(table, args.reference.split(",")) + speed_text
     (out_dir / "results.md").write_text(text)
     (out_dir / "runs.json").write_text(json.dumps(rows, indent=1, default=float))
     (out_dir / "speed.json").write_text(json.dumps(speed, indent=1))

@@ -220,3 +220,26 @@ def test_a_row_takes_the_item_text_cache_given_by_set_and_refuses_another_checkp
 
     with pytest.raises(SystemExit, match="checkpoint_dir.*--out"):
         row_config(profile, "DARec", 2020, None, tmp_path / "out", {"checkpoint_dir": "elsewhere"})
+
+
+def test_report_tests_every_row_against_each_reference_with_welch(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from run import markdown
+
+    def entry(variant: str, ndcg: list[float], recall: list[float]) -> dict:
+        e = {"variant": variant, "seeds": len(ndcg), "train_seconds": 1, "test_seconds": 1, "eval_ms_per_user": 1,
+             "peak_rss_mb": 1, "trainable_parameters": 1}
+        for key in ("recall@50", "ndcg@50", "mrr@10", "mrr@50"):
+            e[key], e[key + "_std"] = 0.1, 0.0
+        for key, values in (("ndcg@10", ndcg), ("recall@10", recall)):
+            e[key], e[key + "_std"], e[key + "_seeds"] = sum(values) / 3, 0.001, values
+        return e
+
+    table = [entry("SASRec", [0.050, 0.051, 0.052], [0.10, 0.101, 0.102]),
+             entry("DARec", [0.060, 0.061, 0.062], [0.1005, 0.1015, 0.1010])]
+    lines = {line.split(" | ")[0]: line for line in markdown(table, ["SASRec", "TextSASRec"]).splitlines()
+             if line.startswith("| DARec | SASRec")}
+    line = lines["| DARec"]
+    n_p, r_p = (float(cell.split("p = ")[1].strip(" |")) for cell in line.split(" | ")[2:4])
+    assert n_p < 0.01 < r_p  # a clear gap is significant, a tiny one is not; TextSASRec is absent: no row
+    assert "1.196x" in line
