@@ -12,7 +12,8 @@ import argparse
 import sys
 
 import recbole_darec  # noqa: F401  (compat first)
-from recbole_darec.quick_start import run_cli, run_darec
+from recbole_darec.errors import run_cli
+from recbole_darec.quick_start import run_darec
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from recbole.utils import init_seed
 import recbole_darec  # noqa: F401  (compat first: numpy aliases must exist before recbole is imported)
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.data import load_data
-from recbole_darec.quick_start import run_cli
+from recbole_darec.errors import run_cli
 from recbole_darec.utils import build_model
 
 

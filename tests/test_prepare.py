@@ -283,7 +283,7 @@ def test_cli_prints_statistics_and_fails_cleanly(tmp_path, capsys):
 
 
 def test_cli_run_as_a_module_fails_cleanly(tmp_path):
-    # Run with -m the file is __main__, whose error classes differ from those run_cli knows: still one line, 2.
+    # Run with -m the file is __main__, a second copy of the module; its errors live in errors.py: still one line, 2.
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "recbole_darec.data.prepare", NAME, "--raw_dir", str(tmp_path / "empty"),

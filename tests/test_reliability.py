@@ -19,8 +19,9 @@ from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.data.item_text import read_item_sentences, tokenize_items
+from recbole_darec.errors import user_error_message
 from recbole_darec.model.adapters import parse_adapter_arch
-from recbole_darec.quick_start import run_darec, user_error_message
+from recbole_darec.quick_start import run_darec
 from recbole_darec.recommend import Recommender, UnknownItemError, format_table, recommend
 from recbole_darec.trainer import CheckpointMismatchError
 

@@ -3,7 +3,7 @@
 RecBole's own errors for these inputs name no file, line or setting ("[timestamp] is not exist in interaction
 [...]", pandas' "could not convert string to float", "Some feat is empty"), or come as a download prompt. Every
 check here raises one line that says what is wrong, where, and what to do; the scripts print it without a
-traceback (quick_start.user_error_message). Nothing is written before they pass, so a bad input never touches a
+traceback (errors.user_error_message). Nothing is written before they pass, so a bad input never touches a
 previous checkpoint or prepared data.
 """
 
