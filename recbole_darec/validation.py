@@ -159,7 +159,7 @@ def setting_problem(key: str, value: Any, default: Any, tag: str | None, rule: R
         return None
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if is_number and rule.words() and not rule.holds(value):
-        return f"must be {rule.words()}" + (", or ~" if rule.nullable else "")
+        return f"must be {rule.words()}" + (", or ~" if rule.nullable or default is None else "")
     if rule.folder:
         return folder_problem(str(value))
     return None
