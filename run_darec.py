@@ -12,7 +12,9 @@ import argparse
 import sys
 
 import recbole_darec  # noqa: F401  (compat first)
-from recbole_darec.quick_start import run_cli, run_darec
+from recbole_darec.config import Config
+from recbole_darec.errors import run_cli
+from recbole_darec.quick_start import run_darec
 
 
 def main() -> None:
@@ -26,6 +28,9 @@ def main() -> None:
     args, _ = parser.parse_known_args()  # the rest (--key=value) is read by RecBole's Config
 
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    if args.baseline:
+        # Its name and settings are checked now, not after the main model has trained.
+        Config(model=args.baseline, dataset=args.dataset, config_file_list=config_file_list)
     result = run_darec(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
     print(f"best valid ({result['model']} on {result['dataset']}): {result['best_valid_result']}")
     print(f"test result ({result['model']} on {result['dataset']}): {result['test_result']}")

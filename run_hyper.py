@@ -3,7 +3,8 @@
     python run_hyper.py --model=DARec --dataset=amazon-scientific --params_file=hyper/darec.hyper --max_evals=20
     python run_hyper.py --model=SASRec --dataset=ml-100k --params_file=my.hyper --algo=exhaustive
 
-Params file, one parameter a line, RecBole's syntax (no comments: every line of 3+ words is read as a parameter):
+Params file, one parameter a line, RecBole's syntax (no comments: every non-blank line is a parameter; a line that
+is not one stops the tuning with its line number before the first trial):
     learning_rate loguniform -9.21,-4.61      natural-log bounds: e^-9.21 = 1e-4 .. e^-4.61 = 1e-2
     adapter_size choice [16,32,64]
     dropout uniform 0.0,0.5                   also: quniform low,high,q
@@ -12,11 +13,14 @@ Params file, one parameter a line, RecBole's syntax (no comments: every line of 
 """
 
 import argparse
+import sys
 
 import recbole_darec  # noqa: F401  (compat first)
+from recbole_darec.errors import run_cli
 from recbole_darec.hyper import HYPER_ALGOS, hyper_tune
 
-if __name__ == "__main__":
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "-m", type=str, default="DARec", help="model name (ours or RecBole's)")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
@@ -49,3 +53,7 @@ if __name__ == "__main__":
     print("best result: ")
     print(tuner.params2result[tuner.params2str(tuner.best_params)])
     print(f"all trials: {output_file}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

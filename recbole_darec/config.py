@@ -15,6 +15,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType, argument_list
 
 from recbole_darec.utils import get_model
+from recbole_darec.validation import expected_type, load_rules, rule_for, setting_error, yaml_note
 
 
 def _properties_dir() -> Path:
@@ -37,6 +38,8 @@ PROPERTIES_DIR = _properties_dir()
 KNOWN_WITHOUT_DEFAULT = {"model", "dataset", "config_files", "local_rank", "world_size", "nproc", "ip", "port",
                          "offset", "gpu_id", "use_gpu", "single_spec", "device"}
 RECBOLE_PROPERTIES_DIR = Path(recbole.__file__).resolve().parent / "properties"
+# Declared ranges of settings (validation.py), not settings themselves.
+RANGES_FILE = PROPERTIES_DIR / "ranges.yaml"
 
 
 @functools.cache
@@ -49,6 +52,8 @@ def every_setting_name() -> frozenset[str]:
         names.update(group)
     for folder in (RECBOLE_PROPERTIES_DIR, PROPERTIES_DIR):
         for file in folder.rglob("*.yaml"):
+            if file == RANGES_FILE:
+                continue
             loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
             if isinstance(loaded, dict):
                 names.update(str(key) for key in loaded)
@@ -77,6 +82,29 @@ def model_yaml_settings(model: str, loader: type = yaml.FullLoader) -> dict:
     return settings
 
 
+def _read_utf8(file: str) -> str:
+    """The text of a config file; a byte that is not UTF-8 is named by line, not as a bare codec error."""
+    data = Path(file).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{file}, line {line}: byte {data[exc.start:exc.start + 1]!r} is not UTF-8; save the file "
+                         "as UTF-8.") from None
+
+
+def _key_lines(file: str, text: str, loader: type) -> dict[str, str]:
+    """Top-level key -> "file, line N" of a yaml mapping."""
+    node = yaml.compose(text, Loader=loader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(key.value): f"{file}, line {key.start_mark.line + 1}" for key, _ in node.value}
+
+
+def _shown(value: object) -> str:
+    return "~" if value is None else str(value)
+
+
 class Config(RecBoleConfig):
     """RecBole's Config, with ``properties/`` of this plugin layered over RecBole's own defaults.
 
@@ -102,24 +130,26 @@ class Config(RecBoleConfig):
         return model_name, model_class, dataset
 
     def _load_config_files(self, file_list):
-        # RecBole's own loop, except that it let yaml's error through as a multi-line traceback: say which file and
-        # line, in one line.
+        # RecBole's own loop, except that it let yaml's and the codec's errors through without the file: say which
+        # file and line, in one line. Remembers the line of every setting, for validation's messages.
         file_config_dict = {}
+        self._setting_lines: dict[str, str] = {}
         for file in file_list or []:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"--config_files: {file} not found (paths are relative to {os.getcwd()}).")
-            with open(file, encoding="utf-8") as handle:
-                try:
-                    loaded = yaml.load(handle.read(), Loader=self.yaml_loader)
-                except yaml.YAMLError as exc:
-                    mark = getattr(exc, "problem_mark", None)
-                    where = f", line {mark.line + 1}" if mark is not None else ""
-                    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-                    raise ValueError(f"{file}{where}: not valid yaml ({problem}); settings are `key: value` "
-                                     "lines.") from None
+            text = _read_utf8(file)
+            try:
+                loaded = yaml.load(text, Loader=self.yaml_loader)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f", line {mark.line + 1}" if mark is not None else ""
+                problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+                raise ValueError(f"{file}{where}: not valid yaml ({problem}); settings are `key: value` "
+                                 "lines.") from None
             if loaded is not None and not isinstance(loaded, dict):
                 raise ValueError(f"{file}: expected `key: value` lines, found a {type(loaded).__name__}.")
             file_config_dict.update(loaded or {})
+            self._setting_lines.update(_key_lines(file, text, self.yaml_loader))
         return file_config_dict
 
     def _check_setting_names(self) -> None:
@@ -136,13 +166,47 @@ class Config(RecBoleConfig):
                 if close:
                     raise ValueError(f"unknown setting '{key}' (from {source}): did you mean '{close[0]}'?")
 
+    def _given_settings(self) -> dict[str, tuple[object, str]]:
+        """Every setting the user gave: its value in force and where it was given, for messages."""
+        given = {}
+        for key, value in self.file_config_dict.items():
+            given[key] = (value, f"{self._setting_lines.get(key, '--config_files')}: {key}: {_shown(value)}")
+        for key, value in self.variable_config_dict.items():
+            given[key] = (value, f"{key}={value!r} (config_dict)")
+        for key, value in self.cmd_config_dict.items():
+            given[key] = (value, f"--{key}={_shown(value)}")
+        return given
+
+    def _check_setting_values(self) -> None:
+        """Types (from the yaml defaults) and declared ranges (properties/ranges.yaml) of the settings given, before
+        any data is read: a wrong value stops the run with one line instead of failing late or silently."""
+        for key, (value, where) in self._given_settings().items():
+            error = self.setting_error(key, value, where)
+            if error is not None:
+                raise error
+
+    def setting_error(self, key: str, value: object, where: str) -> ValueError | None:
+        """The one-line error for ``value`` of setting ``key`` given at ``where``, or None if this run takes it."""
+        return setting_error(key, value, self.internal_config_dict.get(key), where, self._default_files,
+                             load_rules(RANGES_FILE))
+
+    def setting_type(self, key: str) -> type | None:
+        """int, float or bool for a setting whose value must be one (validation.expected_type), else None."""
+        tag, _ = yaml_note(key, self._default_files)
+        return expected_type(self.internal_config_dict.get(key), tag, rule_for(key, load_rules(RANGES_FILE)))
+
     def _convert_config_dict(self, config_dict):
         # The yaml files write "no value" as ~ (llm_layers: ~, cf_model: ~); RecBole's conversion of command-line
         # strings only knows None, so --llm_layers=~ arrived as the string "~" and failed deep in the model.
         config_dict = super()._convert_config_dict(config_dict)
         return {key: None if value in ("~", "null") else value for key, value in config_dict.items()}
 
+    def _update_internal_config_dict(self, file):
+        self._default_files.append(file)  # the yaml layers of this run, low to high precedence (for validation)
+        return super()._update_internal_config_dict(file)
+
     def _load_internal_config_dict(self, model, model_class, dataset):
+        self._default_files: list[str] = []
         super()._load_internal_config_dict(model, model_class, dataset)
         layers = [PROPERTIES_DIR / "overall.yaml"]
         if model_class.type == ModelType.SEQUENTIAL:
@@ -158,6 +222,7 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
         self._load_time_column()
         self._check_setting_names()
+        self._check_setting_values()
 
     def _set_default_parameters(self):
         super()._set_default_parameters()

@@ -2,15 +2,105 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from recbole_darec.compat import fix_recbole_hyper_tuning
+from recbole_darec.config import Config, every_setting_name
 from recbole_darec.quick_start import objective_function
 
 HYPER_ALGOS = ("exhaustive", "random", "bayes")
+# RecBole's params-file distributions and the number of comma-separated numbers each takes (choice: a list).
+DISTRIBUTIONS = {"choice": None, "uniform": 2, "quniform": 3, "loguniform": 2}
+
+
+def _numbers(text: str, count: int, where: str) -> list[float]:
+    parts = text.split(",")
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != count:
+        raise ValueError(f"{where}: expected {count} comma-separated numbers, found {text!r}.")
+    if numbers[0] > numbers[1]:
+        raise ValueError(f"{where}: the low bound {numbers[0]:g} is above the high bound {numbers[1]:g}.")
+    return numbers
+
+
+def _candidates(kind: str, values: str, where: str) -> list:
+    """The values a line's distribution can take, as far as they can be checked: a choice's list, the bounds of
+    the others (loguniform's bounds are natural logs)."""
+    if kind == "choice":
+        try:
+            choices = ast.literal_eval(values)
+        except (ValueError, SyntaxError):
+            choices = None
+        if not isinstance(choices, (list, tuple)) or not choices:
+            raise ValueError(f"{where}: {values!r} is not a list of values; write them as [a,b,c].")
+        return list(choices)
+    numbers = _numbers(values, DISTRIBUTIONS[kind], where)
+    return [math.exp(bound) for bound in numbers[:2]] if kind == "loguniform" else numbers[:2]
+
+
+def read_search_space(params_file: str, config: Config) -> dict[str, Any]:
+    """The hyperopt space of a params file in RecBole's syntax (``name distribution values``, one a line), built
+    as RecBole's HyperTuning builds it; every line is checked first (the setting exists, the distribution is
+    known, the values parse and lie in the setting's range), so a mistake stops the tuning with its file and line
+    instead of a traceback, or a failure in a later trial. ``config``: the run's settings without the trial's."""
+    from hyperopt import hp
+    from hyperopt.pyll import scope
+
+    if not os.path.isfile(params_file):
+        raise FileNotFoundError(f"--params_file={params_file}: not found (paths are relative to {os.getcwd()}); "
+                                "see hyper/darec.hyper for the syntax.")
+    known = set(config.final_config_dict) | every_setting_name()
+    space: dict[str, Any] = {}
+    with open(params_file, encoding="utf-8", errors="replace") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            words = line.split()
+            if not words:
+                continue
+            where = f"{params_file}, line {line_number}"
+            if len(words) < 3:
+                raise ValueError(f"{where}: {line.strip()!r} is not `name distribution values` (e.g. "
+                                 "`adapter_size choice [16,32]`).")
+            name, kind, values = words[0], words[1], "".join(words[2:])
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+                hint = f"did you mean '{close[0]}'?" if close else "tune settings that the model reads."
+                raise ValueError(f"{where}: unknown setting '{name}'; {hint}")
+            if kind not in DISTRIBUTIONS:
+                raise ValueError(f"{where}: unknown distribution '{kind}' for {name}; use one of "
+                                 f"{', '.join(DISTRIBUTIONS)}.")
+            whole = config.setting_type(name) is int
+            if whole and kind in ("uniform", "loguniform"):
+                raise ValueError(f"{where}: {name} is a whole number, but {kind} draws fractions; use choice [..] or "
+                                 "quniform low,high,step.")
+            candidates = _candidates(kind, values, f"{where} ({name} {kind})")
+            for value in candidates:
+                value = round(value) if whole and kind == "quniform" else value
+                error = config.setting_error(name, value, f"{where}: {name} {kind} {values} (value {value!r})")
+                if error is not None:
+                    raise error
+            if kind == "choice":
+                space[name] = hp.choice(name, candidates)
+            elif kind == "quniform":
+                low, high, step = _numbers(values, 3, where)
+                space[name] = hp.quniform(name, low, high, step)
+                if whole:  # quniform draws floats (48.0); a whole-number setting gets an int, as its type requires
+                    space[name] = scope.int(space[name])
+            else:
+                low, high = _numbers(values, 2, where)
+                space[name] = getattr(hp, kind)(name, low, high)
+    if not space:
+        raise ValueError(f"{params_file}: no parameter to tune; write one `name distribution values` line per "
+                         "parameter (e.g. `adapter_size choice [16,32]`).")
+    return space
 
 
 @contextmanager
@@ -54,6 +144,9 @@ def hyper_tune(
     from recbole.trainer import HyperTuning
 
     fixed = dict(config_dict or {})
+    # The fixed settings and the params file are checked once, before the first trial trains anything.
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=fixed)
+    space = read_search_space(params_file, config)
 
     def objective(params: dict, fixed_config_file_list: list[str] | None) -> dict:
         return objective_function({**fixed, **params}, fixed_config_file_list, model=model, dataset=dataset)
@@ -63,7 +156,7 @@ def hyper_tune(
         algo=algo,
         early_stop=early_stop,
         max_evals=max_evals,
-        params_file=params_file,
+        space=space,
         fixed_config_file_list=config_file_list,
         display_file=display_file,
     )

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from collections.abc import Callable
 from logging import getLogger
 
 import torch
@@ -14,32 +11,6 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.utils import build_model, get_trainer
-
-
-def user_error_message(exc: BaseException) -> str | None:
-    """The one-line message of an error caused by the user's input (settings, files, checkpoints), or None for a
-    bug, whose traceback should be shown. The scripts print the message instead of a traceback."""
-    from recbole_darec.data.prepare import DatasetUnavailableError, RawDataError
-
-    if isinstance(exc, (ValueError, FileNotFoundError, DatasetUnavailableError, RawDataError)):
-        return f"error: {exc}"
-    if isinstance(exc, RuntimeError) and "checkpoint" in str(exc):  # DARec.load_state_dict: settings differ
-        return f"error: {exc}"
-    return None
-
-
-def run_cli(main: Callable[[], object]) -> int:
-    """Run a script's ``main``; the exit status. An error in the user's input prints its one line (what is wrong and
-    how to fix it) instead of a traceback and gives 2; ``RECBOLE_DAREC_TRACEBACK=1`` shows the traceback anyway."""
-    try:
-        main()
-    except Exception as exc:
-        message = user_error_message(exc)
-        if message is None or os.environ.get("RECBOLE_DAREC_TRACEBACK"):
-            raise
-        print(message, file=sys.stderr)
-        return 2
-    return 0
 
 
 def _plain(result) -> dict:

@@ -19,12 +19,26 @@ from recbole.utils import init_seed
 import recbole_darec  # noqa: F401  (compat first: numpy aliases must exist before recbole is imported)
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.data import load_data
-from recbole_darec.quick_start import run_cli
+from recbole_darec.errors import run_cli
 from recbole_darec.utils import build_model
 
 
 class UnknownItemError(ValueError):
     """History items that the checkpoint's dataset does not know."""
+
+
+def _refuse_other_shapes(model: torch.nn.Module, saved: dict, checkpoint: str, config, n_items: int) -> None:
+    """The checkpoint's weights must have the shapes of the model rebuilt from the dataset as it is now; torch's own
+    error is a multi-line "size mismatch" list that does not say the dataset changed since training."""
+    current = model.state_dict()
+    for key, tensor in saved.items():
+        if key in current and tuple(current[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{checkpoint}: its weights do not fit dataset '{config['dataset']}' as it is now in "
+                f"{config['data_path']} ({n_items} items; {key} has shape {tuple(tensor.shape)} in the checkpoint, "
+                f"{tuple(current[key].shape)} now): the dataset's files changed since the model was trained. "
+                "Restore them, or train a new model on the current files."
+            )
 
 
 class Recommender:
@@ -49,6 +63,7 @@ class Recommender:
         init_seed(config["seed"], config["reproducibility"])
         dataset, train_data, _, _ = load_data(config)
         self.model = build_model(config, train_data._dataset)
+        _refuse_other_shapes(self.model, state["state_dict"], checkpoint, config, dataset.item_num - 1)
         self.model.load_state_dict(state["state_dict"])
         self.model.load_other_parameter(state.get("other_parameter"))
         self.model.eval()

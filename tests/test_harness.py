@@ -352,9 +352,9 @@ def test_overrides_win_config_file_then_dict_then_command_line(isolated_run, tin
     assert (from_cmd["valid_metric"], from_cmd["topk"]) == ("NDCG@20", [20])
 
     # "~" (the yaml files' spelling of no value) and "null" are None on the command line too.
-    monkeypatch.setattr(sys, "argv", [sys.argv[0], "--MAX_ITEM_LIST_LENGTH=~", "--item_text_fields=null"])
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "--llm_layers=~", "--item_text_fields=null"])
     from_cmd = Config(model="SASRec", dataset=name, config_file_list=files, config_dict={"data_path": data_path})
-    assert from_cmd["MAX_ITEM_LIST_LENGTH"] is None and from_cmd["item_text_fields"] is None
+    assert from_cmd["llm_layers"] is None and from_cmd["item_text_fields"] is None
 
 
 # ---------------------------------------------------------------- one harness for every RecBole model type

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -87,3 +88,50 @@ def test_missing_settings_fail_loudly(tmp_path):
                           text=True, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert proc.returncode != 0
     assert "overall.yaml not found" in proc.stderr and "Reinstall" in proc.stderr
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at the top or inside a function (issue 38: a lazy import hides a
+    circle, it does not remove it). A submodule's implicit import of its parent package is not counted: Python runs
+    the parent's __init__ first whoever imports the submodule."""
+    package = ROOT / "recbole_darec"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from its own package upwards
+                    anchor = name.split(".")[: len(name.split(".")) - node.level + is_package]
+                    base = ".".join([*anchor, base] if base else anchor)
+                imported.add(base)
+                imported.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+        graph[name] = {module for module in imported if module in modules and module != name}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = _package_imports()
+    assert "recbole_darec.errors" in graph and not graph["recbole_darec.errors"]  # the bottom layer
+
+    def reaches(start: str, goal: str) -> list[str] | None:
+        stack, seen = [[start]], {start}
+        while stack:
+            path = stack.pop()
+            for nxt in sorted(graph[path[-1]]):
+                if nxt == goal:
+                    return [*path, nxt]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append([*path, nxt])
+        return None
+
+    circles = [circle for module in sorted(graph) if (circle := reaches(module, module))]
+    assert not circles, " ; ".join(" -> ".join(circle) for circle in circles)

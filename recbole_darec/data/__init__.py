@@ -15,7 +15,6 @@ from recbole_darec.data.checks import (
     check_dataset_files,
     check_inter_file,
     check_item_file,
-    check_positive_settings,
     empty_after_filtering_error,
     warn_short_users,
 )
@@ -48,7 +47,6 @@ def load_data(config: Config):
     check_dataset_files(config)
     check_inter_file(config)
     check_item_file(config)
-    check_positive_settings(config)
     try:
         dataset = create_dataset(config)
     except ValueError as exc:

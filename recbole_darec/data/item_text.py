@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from recbole_darec.files import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
+_MAX_EXAMPLES = 3  # line numbers quoted per kind of bad row
 # Cells that mean "no value" when a table was exported with pandas or a database: an empty sentence part, not text.
 MISSING_TEXT = frozenset({"nan", "NaN", "NAN", "None", "null", "NULL", "N/A"})
 
@@ -36,7 +38,9 @@ def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequenc
     reported with one warning; they never stop the run.
     """
     sentences: dict[str, str] = {}
-    issues = {"non-UTF-8": 0, "wrong column count": 0, "duplicate item rows": 0, "with no text (empty or NaN)": 0}
+    # kind of bad row -> its line numbers
+    issues: dict[str, list[int]] = {"non-UTF-8": [], "wrong column count": [], "duplicate item rows": [],
+                                    "with no text (empty or NaN)": []}
     with open(item_file, "rb") as handle:
         header_line = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
         header = [_field_name(cell) for cell in header_line.split(separator)]
@@ -50,21 +54,21 @@ def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequenc
             columns = [name for name in header if name != item_id_field]
             text_fields = [name for name in columns if name != "text"] or columns
         used = [(name, header.index(name)) for name in text_fields if name in header]
-        for raw in handle:
+        for line_number, raw in enumerate(handle, start=2):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                issues["non-UTF-8"] += 1
+                issues["non-UTF-8"].append(line_number)
                 line = raw.decode("utf-8", errors="replace")
             cells = line.rstrip("\r\n").split(separator)
             if len(cells) != len(header):
-                issues["wrong column count"] += 1
+                issues["wrong column count"].append(line_number)
                 cells = (cells + [""] * len(header))[: len(header)]
             token = cells[id_col].strip()
             if not token:
                 continue
             if token in sentences:
-                issues["duplicate item rows"] += 1
+                issues["duplicate item rows"].append(line_number)
                 continue
             values = [(name, cells[col].strip()) for name, col in used]
             values = [(name, value) for name, value in values if value and value not in MISSING_TEXT]
@@ -72,16 +76,22 @@ def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequenc
                 sentences[token] = "; ".join(f"{name}: {value}" for name, value in values)
             else:
                 sentences[token] = ". ".join(value.rstrip(". ") or value for _, value in values)
-            parts = values
-            issues["with no text (empty or NaN)"] += not parts
-    bad = {kind: count for kind, count in issues.items() if count}
+            if not values:
+                issues["with no text (empty or NaN)"].append(line_number)
+    bad = {kind: lines for kind, lines in issues.items() if lines}
     if bad:
         logger.warning(
-            "%s: %s. Those rows were still used (text decoded with replacement, missing or NaN cells empty, first "
-            "row of a duplicated item kept).",
-            item_file, ", ".join(f"{count} row(s) {kind}" for kind, count in bad.items()),
+            "%s: %s. Those rows were still used (text decoded with replacement, missing or NaN cells empty, cells "
+            "beyond the header's %d dropped: a tab inside a text splits it, first row of a duplicated item kept).",
+            item_file, ", ".join(f"{len(lines)} row(s) {kind} ({_line_numbers(lines)})" for kind, lines in bad.items()),
+            len(header),
         )
     return sentences
+
+
+def _line_numbers(lines: list[int]) -> str:
+    shown = ", ".join(str(number) for number in lines[:_MAX_EXAMPLES])
+    return f"line{'s' if len(lines) > 1 else ''} {shown}" + (", ..." if len(lines) > _MAX_EXAMPLES else "")
 
 
 def align_item_sentences(sentences: dict[str, str], id_tokens: Sequence[str]) -> list[str]:
@@ -93,6 +103,12 @@ def align_item_sentences(sentences: dict[str, str], id_tokens: Sequence[str]) ->
     if missing and sentences:
         logger.warning("%d of %d items have no row in the item file: they get an empty sentence (their ID and "
                        "CF signal still work).", missing, len(id_tokens) - 1)
+    known = {str(token) for token in id_tokens[1:]}
+    unused = [token for token in sentences if token not in known]
+    if unused:
+        # Harmless (a catalogue larger than the interactions, or items filtered out), but said once.
+        logger.info("%d item row(s) of the item file name items without interactions in the dataset (e.g. %s): "
+                    "they are not used.", len(unused), ", ".join(unused[:_MAX_EXAMPLES]))
     return aligned
 
 
@@ -114,6 +130,19 @@ def tokenize_items(sentences: Sequence[str], tokenize: Callable[[list[str]], lis
     return token_ids, lengths
 
 
+def _load_cache(path: str) -> dict:
+    """A cache file written by atomic_torch_save; one cut short by a copy or a full disk is named, with what to do."""
+    try:
+        cached = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path}: an unreadable item-token cache ({type(exc).__name__}: {str(exc)[:80]}); delete "
+                         "the file and run again: it is rebuilt from the item text.") from None
+    if not isinstance(cached, dict) or not {"token_ids", "lengths"} <= set(cached):
+        raise ValueError(f"{path}: not an item-token cache; delete the file and run again: it is rebuilt from the "
+                         "item text.")
+    return cached
+
+
 def cached_item_tokens(
     sentences: Sequence[str], tokenize: Callable[[list[str]], list[list[int]]], item_max_tokens: int,
     tokenizer_name: str, cache_dir: str | None,
@@ -127,7 +156,7 @@ def cached_item_tokens(
         digest.update(b"\0")
     path = os.path.join(cache_dir, f"item_tokens-{digest.hexdigest()[:24]}.pt")
     if os.path.isfile(path):
-        cached = torch.load(path, weights_only=True)
+        cached = _load_cache(path)
         return cached["token_ids"], cached["lengths"]
     token_ids, lengths = tokenize_items(sentences, tokenize, item_max_tokens)
     atomic_torch_save({"token_ids": token_ids, "lengths": lengths}, path)

@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from recbole_darec.data.download import DownloadError, download_file
+from recbole_darec.errors import DatasetUnavailableError, RawDataError, run_cli
 from recbole_darec.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -63,14 +64,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _VALID_ID = re.compile(r'[^\s",]+')
 # item,user,rating,time; one regex per line keeps multi-million-line CSVs fast
 _RATING_LINE = re.compile(rb'\s*([^\s",]+)\s*,\s*([^\s",]+)\s*,\s*([^\s,]+)\s*,\s*([^\s,]+)\s*')
-
-
-class DatasetUnavailableError(RuntimeError):
-    """The raw files of a dataset are neither in ``raw_dir`` nor downloadable."""
-
-
-class RawDataError(RuntimeError):
-    """A raw file is unusable as a whole (e.g. a truncated gzip)."""
 
 
 @dataclass
@@ -441,10 +434,6 @@ def ensure_dataset(
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here, not at the top: the CLI layer (quick_start) sits above the data package, which must not
-    # depend on it to be imported.
-    from recbole_darec.quick_start import run_cli
-
     parser = argparse.ArgumentParser(
         prog="python -m recbole_darec.data.prepare",
         description="Prepare an Amazon Review Data (2018) dataset as RecBole atomic files (UniSRec recipe).",
@@ -467,8 +456,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run with -m, this file is __main__, a second copy of the module, and its errors are not the classes that
-    # run_cli recognises (those of recbole_darec.data.prepare): run the importable module's main.
-    from recbole_darec.data.prepare import main as module_main
-
-    sys.exit(module_main())
+    sys.exit(main())
