@@ -58,7 +58,7 @@ def setup(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return {"tmp": tmp_path, "data": Path(data_path) / name, "name": name, "saved": saved,
-            "argv": ["--model=DARec", f"--dataset={name}", f"--config_files={config_file}"]}
+            "argv": ["--model=DARecTokens", f"--dataset={name}", f"--config_files={config_file}"]}
 
 
 def _run(monkeypatch, capsys, main, argv: list[str]) -> tuple[int, str]:
@@ -106,7 +106,7 @@ def _config_file_with_a_bad_byte(s) -> str:
 
 def _truncated_token_cache(s) -> None:
     settings = yaml.safe_load((s["tmp"] / "base.yaml").read_text(encoding="utf-8"))
-    build("DARec", s["name"], settings)  # writes the item-token cache
+    build("DARecTokens", s["name"], settings)  # writes the item-token cache
     (cache,) = Path(settings["item_text_cache_dir"]).glob("item_tokens-*.pt")
     cache.write_bytes(cache.read_bytes()[:100])
 
@@ -133,7 +133,7 @@ RUN_DAREC_CASES = {
     "truncated item-token cache": (_truncated_token_cache, ["item_tokens-", "delete the file"]),
     "temperature: 0": ("--temperature=0", ["--temperature=0", "greater than 0"]),
     "checkpoint_dir: cannot be created": ("--checkpoint_dir=/proc/x", ["--checkpoint_dir=/proc/x", "cannot be"]),
-    "dropout_prob: above 1": ("--dropout_prob=1.5", ["--dropout_prob=1.5", "below 1", "(dropout_prob: "]),
+    "adapter_dropout: above 1": ("--adapter_dropout=1.5", ["--adapter_dropout=1.5", "below 1", "default 0.0"]),
     # accepted silently before
     "epochs: negative": ("--epochs=-1", ["--epochs=-1", "at least 1"]),
     "llm_layers: 0 (meant every layer)": ("--llm_layers=0", ["--llm_layers=0", "at least 1"]),
@@ -193,7 +193,7 @@ def test_run_hyper_builds_recboles_space_from_a_good_params_file(setup, monkeypa
     params = setup["tmp"] / "ok.hyper"
     params.write_text("learning_rate loguniform -9.21,-5.30\n\nadapter_size choice [16, 32]\n"
                       "rec_dim quniform 16,64,16\n", encoding="utf-8")
-    config = Config(model="DARec", dataset=setup["name"], config_file_list=[str(setup["tmp"] / "base.yaml")])
+    config = Config(model="DARecTokens", dataset=setup["name"], config_file_list=[str(setup["tmp"] / "base.yaml")])
     space = read_search_space(str(params), config)
     assert list(space) == ["learning_rate", "adapter_size", "rec_dim"]
     drawn = stochastic.sample(space, rng=np.random.default_rng(0))
@@ -203,7 +203,7 @@ def test_run_hyper_builds_recboles_space_from_a_good_params_file(setup, monkeypa
 
 def test_recommend_with_a_dataset_that_gained_items_names_the_change(setup, monkeypatch, capsys):
     settings = yaml.safe_load((setup["tmp"] / "base.yaml").read_text(encoding="utf-8"))
-    config, model, train_data, valid_data, _ = build("DARec", setup["name"], settings)
+    config, model, train_data, valid_data, _ = build("DARecTokens", setup["name"], settings)
     trainer = trainer_for(config, model)
     trainer.fit(train_data, valid_data, saved=True)
     inter = setup["data"] / f"{setup['name']}.inter"
@@ -229,7 +229,7 @@ def test_item_rows_of_items_without_interactions_are_noted_once(tmp_path, caplog
     data_path, name = write_text_dataset(tmp_path / "dataset")
     item_file = Path(data_path) / name / f"{name}.item"
     item_file.write_text(item_file.read_text(encoding="utf-8") + "x901\tspare\nx902\tspare\n", encoding="utf-8")
-    config = Config(model="DARec", dataset=name, config_dict=darec_settings(tmp_path, data_path))
+    config = Config(model="DARecTokens", dataset=name, config_dict=darec_settings(tmp_path, data_path))
     with caplog.at_level(logging.INFO):
         load_data(config)
     notes = [r.getMessage() for r in caplog.records if "without interactions" in r.getMessage()]

@@ -1,4 +1,4 @@
-"""DARec's item-level mode (``history_input: items``): the lower layers encode each item once, the top layers read
+"""DARec's default layout: the lower layers encode each item once, the top layers read
 the history one vector per item. Leakage, target alignment, learning on a planted pattern, text use, caching."""
 
 from __future__ import annotations

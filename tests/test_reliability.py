@@ -46,7 +46,7 @@ def settings(tmp_path: Path, text_data, checkpoint_dir: str = "saved", **overrid
 def train(tmp_path, text_data, checkpoint_dir, resume=None, stop_after=None, **overrides):
     """One run in fresh objects (as a new process would build them); ``stop_after``: interrupt after that epoch."""
     _, name = text_data
-    config, model, train_data, valid_data, test_data = build("DARec", name, settings(
+    config, model, train_data, valid_data, test_data = build("DARecTokens", name, settings(
         tmp_path, text_data, checkpoint_dir, **overrides))
     trainer = trainer_for(config, model)
     if resume:
@@ -95,13 +95,13 @@ def test_two_runs_started_in_the_same_second_keep_their_own_checkpoints(tmp_path
 
     monkeypatch.setattr(recbole_trainer, "get_local_time", lambda: "Dec-03-2026_12-06-31")
     _, name = text_data
-    config, model, *_ = build("DARec", name, settings(tmp_path, text_data))
+    config, model, *_ = build("DARecTokens", name, settings(tmp_path, text_data))
     names = []
     for pid in (1001, 1002):  # two processes
         monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
         names.append(trainer_for(config, model).saved_model_file)
     assert names[0] != names[1]
-    assert all(Path(name).match("DARec-Dec-03-2026_12-06-31-*.pth") for name in names)  # resume's glob finds it
+    assert all(Path(name).match("DARecTokens-Dec-03-2026_12-06-31-*.pth") for name in names)  # resume's glob finds it
 
 
 def test_checkpoint_write_is_atomic(tmp_path, text_data, monkeypatch):
@@ -129,7 +129,7 @@ def test_checkpoint_write_is_atomic(tmp_path, text_data, monkeypatch):
 def test_resume_refuses_checkpoint_of_other_dataset(tmp_path, text_data):
     trainer, _ = train(tmp_path, text_data, "saved", epochs=1)
     other = write_text_dataset(tmp_path / "dataset", name="tiny-other")
-    config, model, *_ = build("DARec", other[1], settings(tmp_path, other, "other"))
+    config, model, *_ = build("DARecTokens", other[1], settings(tmp_path, other, "other"))
     with pytest.raises(CheckpointMismatchError, match="dataset='tiny-text'.*--dataset=tiny-text"):
         trainer_for(config, model).resume_checkpoint(trainer.last_checkpoint_file)
 
@@ -137,7 +137,7 @@ def test_resume_refuses_checkpoint_of_other_dataset(tmp_path, text_data):
 def test_resume_refuses_checkpoint_of_other_backbone(tmp_path, text_data):
     trainer, _ = train(tmp_path, text_data, "saved", epochs=1)
     _, name = text_data
-    config, model, *_ = build("DARec", name, settings(tmp_path, text_data, "other", llm_path="random:opt"))
+    config, model, *_ = build("DARecTokens", name, settings(tmp_path, text_data, "other", llm_path="random:opt"))
     with pytest.raises(CheckpointMismatchError, match="llm_path='random:llama'"):
         trainer_for(config, model).resume_checkpoint(trainer.saved_model_file)
 
@@ -205,13 +205,13 @@ def test_recommend_function_and_cli(trained_checkpoint, tmp_path):
 
 # ----- 3. bad input --------------------------------------------------------------------------------------------
 def _config(tmp_path, text_data, **overrides):
-    return Config(model="DARec", dataset=text_data[1], config_dict=settings(tmp_path, text_data, **overrides))
+    return Config(model="DARecTokens", dataset=text_data[1], config_dict=settings(tmp_path, text_data, **overrides))
 
 
 def _model_error(tmp_path, text_data, **overrides) -> str:
     _, name = text_data
     with pytest.raises(ValueError) as info:
-        build("DARec", name, settings(tmp_path, text_data, **overrides))
+        build("DARecTokens", name, settings(tmp_path, text_data, **overrides))
     message = str(info.value)
     assert "\n" not in message and user_error_message(info.value) == f"error: {message}"
     return message
@@ -242,7 +242,7 @@ def test_unknown_model_and_cf_model(tmp_path, text_data):
 
 
 def test_missing_dataset_folder_and_file(tmp_path, text_data):
-    config = Config(model="DARec", dataset=text_data[1], config_dict={
+    config = Config(model="DARecTokens", dataset=text_data[1], config_dict={
         **settings(tmp_path, text_data), "data_path": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="dataset folder not found.*nowhere.*dataset/README.md"):
         load_data(config)
@@ -253,7 +253,7 @@ def test_missing_dataset_folder_and_file(tmp_path, text_data):
 
 def test_run_darec_cli_prints_one_line_without_traceback(tmp_path, text_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(REPO / "run_darec.py"), "--model=DARec", "--dataset=missing-set",
+    done = subprocess.run([sys.executable, str(REPO / "run_darec.py"), "--model=DARecTokens", "--dataset=missing-set",
                            f"--data_path={tmp_path / 'dataset'}", "--llm_path=random:llama"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -306,7 +306,7 @@ def test_item_file_without_id_column_is_an_error(tmp_path):
 
 def test_run_darec_uses_resume_setting(tmp_path, text_data):
     trainer, _ = train(tmp_path, text_data, "saved", epochs=1)
-    result = run_darec("DARec", text_data[1], config_dict={
+    result = run_darec("DARecTokens", text_data[1], config_dict={
         **settings(tmp_path, text_data, "saved"), "epochs": 2, "resume": trainer.last_checkpoint_file})
     assert set(result["best_valid_result"]) and result["saved_model_file"] == trainer.saved_model_file
 
@@ -415,7 +415,8 @@ def test_bad_input_loses_no_checkpoint_and_no_prepared_data(tmp_path, text_data,
     before = {"saved": _snapshot(tmp_path / "saved"), "data": _snapshot(data_folder)}
     assert before["saved"] and before["data"]
     with pytest.raises(ValueError) as info:
-        run_darec("DARec", text_data[1], config_dict=settings(tmp_path, text_data, "saved", epochs=2, **overrides))
+        run_darec("DARecTokens", text_data[1],
+                  config_dict=settings(tmp_path, text_data, "saved", epochs=2, **overrides))
     assert "\n" not in str(info.value) and user_error_message(info.value)
     assert _snapshot(tmp_path / "saved") == before["saved"]
     assert _snapshot(data_folder) == before["data"]
@@ -432,7 +433,7 @@ def _with_time(value: str):
 
 def _run(tmp_path, text_data, config_file_list=None, **overrides):
     """A second run of the earlier one's settings (same checkpoint folder), with ``overrides``."""
-    return lambda: run_darec("DARec", text_data[1], config_file_list=config_file_list,
+    return lambda: run_darec("DARecTokens", text_data[1], config_file_list=config_file_list,
                              config_dict=settings(tmp_path, text_data, "saved", epochs=2, **overrides))
 
 
