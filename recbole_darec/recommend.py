@@ -5,11 +5,15 @@
 The checkpoint's pickled Config names model, dataset and data_path: the dataset and model are rebuilt from it, the
 saved weights loaded, and the history (raw item ids of the ``.item`` / ``.inter`` files, oldest first) scored
 against every item. Nothing is excluded unless ``--exclude_history`` is given.
+
+Items added to the ``.item`` file after training (no interaction yet) are recommended too: DARec reads their text
+on demand (the states cached on disk) and ranks them by it; no retraining, and no other item's score changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -19,6 +23,7 @@ from recbole.utils import init_seed
 import recbole_darec  # noqa: F401  (compat first: numpy aliases must exist before recbole is imported)
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.data import load_data
+from recbole_darec.data.item_text import read_item_sentences
 from recbole_darec.errors import run_cli
 from recbole_darec.utils import build_model
 
@@ -71,6 +76,29 @@ class Recommender:
         self.token2id: dict[str, int] = dict(dataset.field2token_id[self.iid_field])
         self.id2token = list(dataset.field2id_token[self.iid_field])
         self.sentences = list(getattr(train_data._dataset, "item_sentences", None) or [""] * len(self.id2token))
+        self.items_added_after_training: list[str] = []  # raw ids this model cannot read (no add_items)
+        self._add_new_items()
+
+    def _add_new_items(self) -> None:
+        """Rows of the ``.item`` file for items that no interaction of the training data holds (a shop's new items)
+        join the catalogue through their text, where the model can read text (DARec's ``add_items``)."""
+        item_file = os.path.join(self.config["data_path"], f"{self.config['dataset']}.item")
+        if not os.path.isfile(item_file):
+            return
+        sentences = read_item_sentences(item_file, self.iid_field, self.config["item_text_fields"],
+                                        self.config["field_separator"] or "\t",
+                                        with_keys=self.config["item_text_format"] == "key_value")
+        new = [token for token in sentences if token not in self.token2id]
+        if not new:
+            return
+        if not hasattr(self.model, "add_items"):
+            self.items_added_after_training = new
+            return
+        self.model.add_items([sentences[token] for token in new])
+        for token in new:
+            self.token2id[token] = len(self.id2token)
+            self.id2token.append(token)
+            self.sentences.append(sentences[token])
 
     def item_ids(self, history: list[str]) -> list[int]:
         if "[PAD]" in history or ("0" in history and "0" not in self.token2id):
@@ -82,6 +110,12 @@ class Recommender:
             raise UnknownItemError(f"--history names {', '.join(repeated)} more than once; give each item of the "
                                    "history once, oldest first.")
         unknown = [item for item in history if item not in self.token2id]
+        after_training = [item for item in unknown if item in self.items_added_after_training]
+        if after_training:
+            raise UnknownItemError(
+                f"item(s) {', '.join(after_training)} of --history came to the .item file after "
+                f"{self.config['model']} was trained, and it reads no item text: only DARec recommends and reads "
+                "items added after training.")
         if unknown:
             examples = ", ".join(self.id2token[1:4])
             raise UnknownItemError(

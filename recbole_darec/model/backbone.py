@@ -159,7 +159,11 @@ def _random_backbone(arch: str, random_config: dict | None) -> tuple[nn.Module, 
         )
     else:
         raise BackboneNotFoundError(f"llm_path='random:{arch}': unknown architecture, use random:llama or random:opt")
-    return AutoModel.from_config(config), tokenizer
+    # One fixed model per architecture and sizes, as a pretrained one is: a backbone loaded again (new items read
+    # after training) and the on-disk item states, keyed by the backbone's name, both rely on it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModel.from_config(config), tokenizer
 
 
 def load_backbone(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_darec.model.backbone import outputs_only_at
+from recbole_darec.model.backbone import load_backbone, outputs_only_at
 from recbole_darec.model.darec_core import DARecCore, NextItemTerms
 from recbole_darec.model.item_states import drop_lower_layers, read_item_text
 from recbole_darec.model.layout import PAD_BLOCK, pack_rows
@@ -54,6 +54,8 @@ class DARec(DARecCore):
         self.register_buffer("item_text_states", history_states, persistent=False)  # (n_items, K, H), frozen
         self.register_buffer("first_token_state", item_text.first_token_state, persistent=False)  # (H,)
         self.register_buffer("item_text_features", item_text.features, persistent=False)  # (n_items, W)
+        self.whitening = item_text.whitening  # fitted on the catalogue's text: items added later take it as it is
+        self._item_text_config = config  # how items added later are read: backbone, tokens, cache
         return item_text.features.shape[1]
 
     def build_history_inputs(self, config, hidden_size: int, rec_dim: int) -> None:
@@ -125,7 +127,7 @@ class DARec(DARecCore):
         user_vecs = self.user_proj(self.dropout(states[:, :-1][has_next]))  # (P, D): after item k, for item k+1
         item_vecs = self.item_vectors()  # (n_items, D)
         logits = self.score(user_vecs, item_vecs)
-        logits[:, 0] = float("-inf")
+        logits[:, ~self.training_candidates()] = float("-inf")  # padding too
         batch_items = torch.unique(next_items)
         return NextItemTerms(F.cross_entropy(logits, next_items), user_vecs, next_items, item_vecs,
                              batch_items, self.item_text_features[batch_items])
@@ -142,6 +144,35 @@ class DARec(DARecCore):
 
     def text_states_for_mining(self) -> torch.Tensor:
         return self.item_text_features
+
+    @torch.no_grad()
+    def add_items(self, item_sentences: list[str]) -> None:
+        """Append items that came after training (internal ids ``n_items``, ``n_items + 1``, ...) with their text:
+        the lower layers read it on demand (a backbone loaded again; the states cached on disk as the catalogue's)
+        and the catalogue's whitening maps it. They have no interaction, so no ID vector, and enter histories and
+        rankings through their text alone; no other item's vector changes."""
+        if self.cf_injection is not None:
+            raise ValueError(f"cf_model={self.cf_injection.name}: the CF model has no vector for an item "
+                             "added after training; recommend new items with a model trained without cf_model.")
+        config = self._item_text_config
+        backbone = load_backbone(config["llm_path"], config["llm_layers"], config["llm_random_config"])
+        new = read_item_text(backbone, ["", *item_sentences], config, self.n_item_layers, 0,
+                             n_segments=self.item_positions, whitening=self.whitening)  # row 0: a padding row
+        device = self.item_text_features.device
+        states = new.states[1:, None] if self.item_positions == 1 else new.segment_states[1:]
+        self.item_text_states = torch.cat([self.item_text_states, states.to(device)])
+        self.item_text_features = torch.cat([self.item_text_features, new.features[1:].to(device)])
+        self.item_token_ids = torch.cat([self.item_token_ids, new.token_ids[1:].to(device)])
+        self.item_token_len = torch.cat([self.item_token_len, new.token_len[1:].to(device)])
+        added = len(item_sentences)
+        self.item_id_known = torch.cat([self.item_id_known, self.item_id_known.new_zeros(added)])
+        negatives = self.hard_negatives
+        self.hard_negatives = torch.cat([negatives, negatives.new_zeros(added, negatives.shape[1])])
+        weight = self.item_id_embedding.weight
+        self.item_id_embedding = nn.Embedding.from_pretrained(
+            torch.cat([weight, weight.new_zeros(added, weight.shape[1])]), freeze=False, padding_idx=0)
+        self.n_items += added
+        self._eval_item_vectors = None
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state_dict = {key: value for key, value in state_dict.items() if key not in TOKEN_LAYOUT_KEYS}

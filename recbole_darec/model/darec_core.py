@@ -53,6 +53,8 @@ class DARecCore(SequentialRecommender):
         self.hard_temperature = float(config["hard_temperature"])
         self.n_hard_negatives = int(config["hard_negatives"])
         self.use_item_id = bool(config["use_item_id"])
+        self.item_id_dropout = float(config["item_id_dropout"] or 0.0)
+        self.unseen_items_as_negatives = bool(config["unseen_items_as_negatives"])
         self.item_encode_batch_size = int(config["item_encode_batch_size"])
         self.supernet = bool(config["supernet"])
         self.USER_ID = config["USER_ID_FIELD"]
@@ -107,6 +109,7 @@ class DARecCore(SequentialRecommender):
         seen = torch.zeros(self.n_items, dtype=torch.bool)
         seen[sequences[sequences > 0]] = True
         self.register_buffer("item_id_known", seen, persistent=False)
+        self._step_item_id_kept: torch.Tensor | None = None  # (n_items,) item_id_dropout's draw for this step
         self.register_buffer("hard_negatives", torch.zeros(self.n_items, max(self.n_hard_negatives, 1),
                                                             dtype=torch.long))
         self.register_buffer("hard_negatives_ready", torch.zeros((), dtype=torch.bool))
@@ -168,10 +171,23 @@ class DARecCore(SequentialRecommender):
 
     # ----- item vectors and scores ----------------------------------------------------------------------------
     def item_id_vectors(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """ID embeddings (N, D) of ``item_ids`` (default: every item), zero for items that never occur in training."""
+        """ID embeddings (N, D) of ``item_ids`` (default: every item), zero for items that never occur in training
+        (and, in a training step, for the items that ``item_id_dropout`` left out)."""
+        known = self.item_id_known
+        if self.training and self._step_item_id_kept is not None:
+            known = self._step_item_id_kept
         if item_ids is None:
-            return self.item_id_embedding.weight * self.item_id_known[:, None]
-        return self.item_id_embedding(item_ids) * self.item_id_known[item_ids, None]
+            return self.item_id_embedding.weight * known[:, None]
+        return self.item_id_embedding(item_ids) * known[item_ids, None]
+
+    def training_candidates(self) -> torch.Tensor:
+        """(n_items,) bool: the items that a training softmax ranks. Without ``unseen_items_as_negatives`` an item
+        that no training interaction holds is none of them: in real use a new item does not exist yet when the
+        model is trained, and as a negative only it would teach the model to bury the items that only their text
+        can find."""
+        if self.unseen_items_as_negatives:
+            return torch.arange(self.n_items, device=self.item_id_known.device) > 0
+        return self.item_id_known
 
     def plus_item_id(self, text_vectors: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Candidate vectors (N, D): the text part of ``item_ids`` (default every item), plus their ID part."""
@@ -197,6 +213,11 @@ class DARecCore(SequentialRecommender):
         """(L_next, λ·L_align, λ·L_hard, λ·L_cf), the auxiliary ones where their λ > 0; RecBole sums and logs them."""
         if self.supernet:
             self.sample_architecture()
+        if self.item_id_dropout > 0:
+            # One draw per step for every item, so an item without its ID vector lacks it in the histories and as a
+            # candidate alike: how a new item enters both.
+            kept = torch.rand(self.n_items, device=self.item_id_known.device) >= self.item_id_dropout
+            self._step_item_id_kept = self.item_id_known & kept
         item_len = interaction[self.ITEM_SEQ_LEN]  # (B,)
         item_seq = interaction[self.ITEM_SEQ][:, : int(item_len.max())]  # (B, L): RecBole pads to the max length
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
@@ -238,7 +259,8 @@ class DARecCore(SequentialRecommender):
         sequences, lengths = self._training_sequences
         cooccurrence = cooccurrence_matrix(sequences, lengths, self.n_items)
         item_states = self.text_states_for_mining().detach().cpu()
-        negatives = mine_hard_negatives(item_states, cooccurrence, self.n_hard_negatives)
+        excluded = None if self.unseen_items_as_negatives else ~self.training_candidates().cpu()
+        negatives = mine_hard_negatives(item_states, cooccurrence, self.n_hard_negatives, excluded=excluded)
         self.hard_negatives.copy_(negatives.to(self.hard_negatives.device))
         self.hard_negatives_ready.fill_(True)
 

@@ -135,7 +135,7 @@ class DARecTokens(DARecCore):
         # 1) every item from the cache: trains the user side, item_proj and the ID embeddings;
         item_vecs = self.item_vectors(self.item_cache.states)
         logits = self.score(user_vecs, item_vecs)
-        logits[:, 0] = float("-inf")
+        logits[:, ~self.training_candidates()] = float("-inf")  # padding too
         loss = F.cross_entropy(logits, next_items)
         # 2) the batch's target items encoded afresh.
         batch_items, target_in_batch = torch.unique(next_items, return_inverse=True)

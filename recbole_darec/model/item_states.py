@@ -178,12 +178,15 @@ class ItemText:
     first_token_state: torch.Tensor  # (H,): a fixed first token's state after the same layers
     features: torch.Tensor  # (n_items, whiten_dim): the states whitened
     segment_states: torch.Tensor | None  # (n_items, K, H): the states of K parts of each item's text (K > 1)
+    whitening: tuple[torch.Tensor, torch.Tensor]  # (mean (H,), projection (H, whiten_dim))
 
 
 def read_item_text(backbone: Backbone, item_sentences: list[str], config, n_text_layers: int,
-                   whiten_dim: int, n_segments: int = 1) -> ItemText:
+                   whiten_dim: int, n_segments: int = 1,
+                   whitening: tuple[torch.Tensor, torch.Tensor] | None = None) -> ItemText:
     """Tokenise, encode through the first ``n_text_layers`` layers (both cached on disk) and whiten every item's
-    text. The whitening is fitted on item text alone (no interaction data), so it leaks nothing."""
+    text. The whitening is fitted on item text alone (no interaction data), so it leaks nothing; items added to a
+    trained model's catalogue take its ``whitening`` instead."""
     token_ids, token_len = cached_item_tokens(
         item_sentences, backbone.tokenizer, int(config["item_max_tokens"]), backbone.tokenizer.name,
         config["item_text_cache_dir"],
@@ -193,5 +196,5 @@ def read_item_text(backbone: Backbone, item_sentences: list[str], config, n_text
         config["item_text_cache_dir"], int(config["item_encode_batch_size"]), bf16=bool(config["item_encode_bf16"]),
         n_segments=n_segments,
     )
-    mean, projection = pca_whitening(states[1:], whiten_dim)
-    return ItemText(token_ids, token_len, states, first, (states - mean) @ projection, segments)
+    mean, projection = whitening or pca_whitening(states[1:], whiten_dim)
+    return ItemText(token_ids, token_len, states, first, (states - mean) @ projection, segments, (mean, projection))

@@ -40,9 +40,10 @@ def cooccurrence_matrix(sequences: torch.Tensor, lengths: torch.Tensor, n_items:
 
 @torch.no_grad()
 def mine_hard_negatives(text_vectors: torch.Tensor, cooccurrence: sp.csr_matrix, n_negatives: int,
-                        chunk_size: int = 1024) -> torch.Tensor:
+                        chunk_size: int = 1024, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """For every item, the ``n_negatives`` items nearest by text vector (cosine) that never co-occur with it in a
-    training sequence. Row 0 (padding) and the item itself are never chosen. An item that co-occurs with almost
+    training sequence. Row 0 (padding), the item itself and the items ``excluded`` (n_items,) bool are never
+    chosen. An item that co-occurs with almost
     every other item has fewer such candidates than ``n_negatives``: its list is filled up with the nearest
     co-occurring items. Returns (n_items, n_negatives)."""
     n_items = len(text_vectors)
@@ -58,6 +59,8 @@ def mine_hard_negatives(text_vectors: torch.Tensor, cooccurrence: sp.csr_matrix,
         # topk filled a short list with arbitrary -inf entries, padding and the item itself included.
         sims = torch.where(together, sims - 3.0, sims)
         sims[:, 0] = float("-inf")
+        if excluded is not None:
+            sims[:, excluded] = float("-inf")
         sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
         negatives[start:stop] = sims.topk(n_negatives, dim=1).indices
     return negatives

@@ -1,0 +1,215 @@
+"""New items: how well each model recommends items that no training interaction holds (the inductive case).
+
+    python benchmarks/new_items.py --dataset=amazon-scientific --models=SASRec,TextSASRec,DARec --seeds=2020
+
+1. The split: a random ``--fraction`` of the catalogue's items (fixed by ``--split_seed``) loses every interaction
+   in the training part, i.e. all but each user's last two (valid and test targets keep theirs). The items stay in
+   the catalogue (RecBole reads the item ids of the ``.item`` file too), so every model ranks all of them. The
+   derived files go to ``<out>/saved/data/<dataset>/``; the ids held out to ``<out>/held_out_items.json``.
+2. The rows: ``benchmarks/run.py`` with the ``new-items`` profile trains each model on that split, to convergence
+   under the usual protocol (its report is ``<out>/results.md``).
+3. Every row's best checkpoint ranks the whole catalogue for every test user (RecBole's exclusions: the user's
+   earlier items), and the metrics are reported twice: over the users whose test target is a held-out item, and over
+   all test users. ``TextSim`` is the text-similarity baseline: no training, each user is the mean of the history's
+   item text vectors (the whitened states of the same backbone that DARec and TextSASRec read), scored by cosine.
+   Writes ``<out>/new_items.md`` and ``<out>/new_items.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from common import ROOT, default_data_path
+
+TOPK = 10
+
+
+def hold_out_items(source: Path, target: Path, fraction: float, seed: int) -> list[str]:
+    """Copy the atomic files of the dataset in ``source`` (a ``<name>/`` folder) to ``target`` with every training
+    interaction of a random ``fraction`` of the items removed; returns the raw ids of those items.
+
+    A user's training part is all but their last two interactions in time order (RecBole's leave-one-out split,
+    ``LS: valid_and_test``, ``order: TO``); removing earlier interactions leaves the last two where they are.
+    """
+    name = source.name
+    inter_lines = (source / f"{name}.inter").read_text(encoding="utf-8").splitlines()
+    header, rows = inter_lines[0], [line.split("\t") for line in inter_lines[1:] if line]
+    columns = [cell.split(":")[0] for cell in header.split("\t")]
+    user_col, item_col, time_col = columns.index("user_id"), columns.index("item_id"), columns.index("timestamp")
+    items = sorted({row[item_col] for row in rows})
+    held_out = set(random.Random(seed).sample(items, round(fraction * len(items))))
+
+    by_user: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_user.setdefault(row[user_col], []).append(index)
+    evaluation_rows = set()  # each user's last two interactions (valid and test targets)
+    for indices in by_user.values():
+        indices.sort(key=lambda i: (float(rows[i][time_col]), i))
+        evaluation_rows.update(indices[-2:])
+    kept = [row for index, row in enumerate(rows) if row[item_col] not in held_out or index in evaluation_rows]
+
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"{name}.inter").write_text("\n".join([header, *("\t".join(row) for row in kept)]) + "\n",
+                                          encoding="utf-8")
+    (target / f"{name}.item").write_bytes((source / f"{name}.item").read_bytes())
+    return sorted(held_out)
+
+
+@torch.no_grad()
+def target_ranks(score, test_data, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank of each test user's target among all items, 1 = first; the target's internal id) under RecBole's
+    full-ranking protocol: padding and the user's earlier items are not candidates. Ties count in the target's
+    favour, as no model here scores two items exactly alike except where both are excluded."""
+    ranks, targets = [], []
+    for interaction, history_index, positive_u, positive_i in test_data:
+        scores = score(interaction).view(-1, n_items).float().clone()  # (B, n_items)
+        scores[:, 0] = float("-inf")
+        if history_index is not None:
+            scores[history_index] = float("-inf")
+        target_scores = scores[positive_u, positive_i]  # (B,): one target per user (leave-one-out)
+        ranks.append((scores > target_scores[:, None]).sum(1) + 1)
+        targets.append(positive_i)
+    return torch.cat(ranks), torch.cat(targets)
+
+
+def metrics(ranks: torch.Tensor) -> dict[str, float]:
+    """NDCG@10 and Recall@10 of one target per user."""
+    hit = (ranks <= TOPK).float()
+    return {"ndcg@10": float((hit / torch.log2(ranks.float() + 1)).mean()) if len(ranks) else float("nan"),
+            "recall@10": float(hit.mean()) if len(ranks) else float("nan"), "users": len(ranks)}
+
+
+def text_similarity_scores(item_features: torch.Tensor, model_fields: tuple[str, str]):
+    """The no-training baseline: each user is the mean of the history's item text vectors, items are ranked by
+    cosine to it."""
+    seq_field, len_field = model_fields
+    items = torch.nn.functional.normalize(item_features, dim=-1)  # (n_items, W)
+
+    def score(interaction) -> torch.Tensor:
+        seq, lengths = interaction[seq_field], interaction[len_field]  # (B, L), (B,)
+        valid = (torch.arange(seq.shape[1])[None, :] < lengths[:, None]).float()[..., None]
+        users = (items[seq] * valid).sum(1) / valid.sum(1).clamp_min(1.0)  # (B, W)
+        return torch.nn.functional.normalize(users, dim=-1) @ items.T  # (B, n_items)
+
+    return score
+
+
+def evaluate(name: str, seed: int | None, score, test_data, n_items: int, held_ids: torch.Tensor) -> dict:
+    """One model's metrics over the users whose target is held out, those whose target is not, and all."""
+    ranks, targets = target_ranks(score, test_data, n_items)
+    new = torch.isin(targets, held_ids)
+    entry = {"variant": name, "seed": seed, "held_out": metrics(ranks[new]), "seen": metrics(ranks[~new]),
+             "all": metrics(ranks)}
+    print(f"== {name} (seed {seed}): held-out {entry['held_out']} all {entry['all']}", flush=True)
+    return entry
+
+
+def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
+    """Every finished row's best checkpoint (and TextSim on the first DARec row's data) on held-out and all
+    targets."""
+    import recbole_darec  # noqa: F401  (compat first)
+    from recbole_darec.data import load_data
+    from recbole_darec.recommend import Recommender
+
+    results, text_sim_done = [], False
+    for row_file in sorted((out_dir / "rows").glob("*-seed*.json")):
+        if row_file.name.endswith((".config.json", ".started.json", ".resume.json")):
+            continue
+        row = json.loads(row_file.read_text())
+        checkpoint = row.get("saved_model_file")
+        if not checkpoint or not Path(checkpoint).is_file():
+            print(f"!! {row_file.name}: no checkpoint ({checkpoint}), left out", flush=True)
+            continue
+        variant, seed = row_file.stem.rsplit("-seed", 1)
+        saved = Recommender(checkpoint)
+        _, _, _, test_data = load_data(saved.config)
+        n_items = len(saved.id2token)
+        held_ids = torch.tensor([saved.token2id[item] for item in held_out if item in saved.token2id])
+        model = saved.model
+        entry = evaluate(variant, int(seed), lambda inter, m=model: m.full_sort_predict(inter.to(m.device)),
+                         test_data, n_items, held_ids)
+        # The same ranking as RecBole's evaluator: its test metrics are kept beside ours for every row.
+        entry["recbole_test"] = {key: row["test_result"][key] for key in ("ndcg@10", "recall@10")}
+        results.append(entry)
+        if not text_sim_done and hasattr(model, "item_text_features"):
+            score = text_similarity_scores(model.item_text_features.float().cpu(), (model.ITEM_SEQ, model.ITEM_SEQ_LEN))
+            results.append(evaluate("TextSim", None, score, test_data, n_items, held_ids))
+            text_sim_done = True
+    return results
+
+
+def report(results: list[dict], header: str) -> str:
+    variants = list(dict.fromkeys(entry["variant"] for entry in results))
+    lines = [header, "", "| model | seeds | held-out targets: N@10 | R@10 | seen targets: N@10 | R@10 | "
+             "all test users: N@10 | R@10 |", "|---|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        runs = [entry for entry in results if entry["variant"] == variant]
+        cells = []
+        for part in ("held_out", "seen", "all"):
+            for key in ("ndcg@10", "recall@10"):
+                values = [run[part][key] for run in runs]
+                cell = f"{statistics.mean(values):.4f}"
+                if len(values) > 1:
+                    cell += f" ± {statistics.stdev(values):.4f}"
+                cells.append(cell)
+        lines.append(f"| {variant} | {len([r for r in runs if r['seed'] is not None]) or '-'} | "
+                     + " | ".join(cells) + " |")
+    if results:
+        users = results[0]
+        lines += ["", f"Test users: {users['all']['users']} in all, {users['held_out']['users']} whose target is a "
+                      f"held-out item, {users['seen']['users']} whose target has training interactions."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="amazon-scientific")
+    parser.add_argument("--models", default="SASRec,TextSASRec,DARec", help="variants of the new-items profile")
+    parser.add_argument("--seeds", default="2020")
+    parser.add_argument("--fraction", type=float, default=0.1, help="share of the items held out of training")
+    parser.add_argument("--split_seed", type=int, default=0, help="which items are held out")
+    parser.add_argument("--data_path", default=None, help="folder holding <dataset>/ (default: dataset/ or shared)")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/<dataset>-new-items")
+    parser.add_argument("--evaluate_only", action="store_true", help="score the finished rows; train nothing")
+    parser.add_argument("--run_args", default="", help="more flags for run.py, e.g. '--set epochs=1'")
+    args = parser.parse_args()
+
+    out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-new-items").resolve()
+    source_root = args.data_path or default_data_path(args.dataset)
+    if source_root is None:
+        raise SystemExit(f"--dataset={args.dataset}: no prepared {args.dataset}/ in dataset/ or ../shared/datasets; "
+                         "give --data_path")
+    split_root = out_dir / "saved" / "data"
+    held_out = hold_out_items(Path(source_root) / args.dataset, split_root / args.dataset, args.fraction,
+                              args.split_seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "held_out_items.json").write_text(json.dumps(
+        {"fraction": args.fraction, "split_seed": args.split_seed, "items": held_out}, indent=0))
+    print(f"== split: {len(held_out)} items held out of training, files in {split_root / args.dataset}", flush=True)
+
+    if not args.evaluate_only:
+        command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--dataset", args.dataset,
+                   "--profile", "new-items", "--models", args.models, "--seeds", args.seeds,
+                   "--data_path", str(split_root), "--out", str(out_dir), *args.run_args.split()]
+        subprocess.run(command, check=True)
+
+    results = evaluate_rows(out_dir, held_out)
+    header = (f"Dataset {args.dataset}, {len(held_out)} items ({args.fraction:.0%}, split seed {args.split_seed}) "
+              "held out of training.\nCommand: python benchmarks/new_items.py "
+              f"--dataset={args.dataset} --models={args.models} --seeds={args.seeds}"
+              + (f" --run_args='{args.run_args}'" if args.run_args else ""))
+    text = report(results, header)
+    (out_dir / "new_items.md").write_text(text)
+    (out_dir / "new_items.json").write_text(json.dumps(results, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

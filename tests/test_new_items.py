@@ -1,0 +1,206 @@
+"""New items: items without any training interaction are ranked by their text (item_id_dropout,
+unseen_items_as_negatives), items added to the catalogue after training are recommended (DARec.add_items, the
+recommend CLI), and the inductive benchmark's split and metrics.
+
+Tiny random backbone, one torch thread.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from darec_testing import DAREC_TEST_FIXTURES, build, darec_settings, first_batch, trainer_for
+
+from recbole_darec.recommend import Recommender, UnknownItemError
+
+pytestmark = DAREC_TEST_FIXTURES
+REPO = Path(__file__).resolve().parents[1]
+N_WARM = 30  # items i0..i29 have training interactions; i30..i39 are only ever test targets
+
+
+def write_cold_dataset(root: Path, name: str = "cold") -> tuple[str, str]:
+    """Users walk forward through items 0..29 up to one of 20..29; each user's test target is the item that would
+    come next, as a cold twin: item 30 + k has the text of item 20 + k and no training interaction, so only its
+    text links it to the walk."""
+    (root / name).mkdir(parents=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    generator = torch.Generator().manual_seed(0)
+    for user in range(60):
+        start = int(torch.randint(13, 23, (1,), generator=generator))
+        walk = [start + step for step in range(7)]
+        cold = N_WARM + start + 7 - 20
+        for step, item in enumerate([*walk, cold]):
+            lines.append(f"u{user}\ti{item}\t{step}")
+    (root / name / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    texts = ["item_id:token\tn:token_seq"]
+    texts += [f"i{i}\t{i}z{i % 3}" for i in range(N_WARM)]
+    texts += [f"i{i}\t{i - N_WARM + 20}z{(i - N_WARM + 20) % 3}" for i in range(N_WARM, N_WARM + 10)]
+    (root / name / f"{name}.item").write_text("\n".join(texts) + "\n")
+    return str(root), name
+
+
+def settings(tmp_path: Path, data_path: str, **overrides) -> dict:
+    # topk 10 only: the cold dataset has 40 items
+    return darec_settings(tmp_path, data_path, **{"sequence_layers": 1, "whiten_dim": 16, "dropout_prob": 0.0,
+                                                  "topk": [10], **overrides})
+
+
+def cold_items(model, train_data) -> list[int]:
+    tokens = train_data._dataset.field2id_token[train_data._dataset.iid_field]
+    return [i for i in range(1, model.n_items) if int(tokens[i][1:]) >= N_WARM]
+
+
+@pytest.mark.parametrize("as_negatives", [True, False])
+def test_unseen_items_leave_the_training_softmax(tmp_path, as_negatives):
+    """Without unseen_items_as_negatives, an item that no training interaction holds is no candidate of the training
+    softmax and no hard negative: its text does not move the loss."""
+    data_path, name = write_cold_dataset(tmp_path / "dataset")
+    config, model, train_data, _, _ = build("DARec", name, settings(
+        tmp_path, data_path, unseen_items_as_negatives=as_negatives, lambda_align=0.0, lambda_hard=0.1))
+    cold = cold_items(model, train_data)
+    assert len(cold) == 10 and not model.item_id_known[cold].any()
+    batch = first_batch(train_data)
+    model.train()
+    loss = sum(model.calculate_loss(batch)).item()
+    negatives = set(model.hard_negatives.flatten().tolist())
+    assert bool(negatives & set(cold)) == as_negatives  # text-near cold items are mined only as negatives
+    model.item_text_features[cold] += 5.0 * torch.randn(len(cold), model.item_text_features.shape[1])
+    moved = sum(model.calculate_loss(batch)).item()
+    assert (moved != pytest.approx(loss, abs=1e-6)) == as_negatives
+
+
+def test_item_id_dropout_leaves_out_ids_in_training_steps_only(tmp_path, text_data):
+    config, model, train_data, _, _ = build("DARec", text_data[1], settings(tmp_path, text_data[0],
+                                                                         item_id_dropout=0.5))
+    known = model.item_id_known.clone()
+    model.train()
+    model.calculate_loss(first_batch(train_data))
+    ids = torch.arange(model.n_items)
+    in_step = model.item_id_vectors(ids).norm(dim=-1) > 0
+    assert not in_step[~known].any()
+    share = float(in_step[known].float().mean())
+    assert 0.3 < share < 0.7, share  # about half of the known items keep their ID vector in this step
+    torch.testing.assert_close(model.item_id_vectors()[ids], model.item_id_vectors(ids))  # one draw for both
+    model.eval()
+    assert torch.equal(model.item_id_vectors(ids).norm(dim=-1) > 0, known)  # evaluation: every known ID
+
+
+@pytest.mark.parametrize("inductive", [False, True], ids=["default", "new-item-training"])
+def test_cold_targets_found_through_their_text(tmp_path, inductive):
+    """Trained on the walks, the model ranks each user's cold target (the next item's text twin, never in training)
+    far above chance (Recall@10 of a random ranking of 40 items: 0.25)."""
+    data_path, name = write_cold_dataset(tmp_path / "dataset")
+    extra = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3} if inductive else {}
+    config, model, train_data, valid_data, test_data = build("DARec", name, settings(
+        tmp_path, data_path, epochs=20, learning_rate=0.005, llm_learning_rate=0.001, eval_step=100, **extra))
+    trainer = trainer_for(config, model)
+    trainer.fit(train_data, valid_data, saved=False)
+    result = trainer.evaluate(test_data, load_best_model=False)
+    print(inductive, dict(result))
+    assert result["recall@10"] > 0.6, result
+
+
+# ----- items added after training -------------------------------------------------------------------------------
+@pytest.fixture
+def trained_item_level(tmp_path, text_data) -> str:
+    config, model, train_data, valid_data, _ = build("DARec", text_data[1], settings(
+        tmp_path, text_data[0], epochs=5, learning_rate=0.005, item_id_dropout=0.3, eval_step=100))
+    trainer = trainer_for(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    return trainer.saved_model_file
+
+
+def all_scores(recommender: Recommender, history: list[str]) -> dict[str, float]:
+    rows = recommender.recommend(history, topk=len(recommender.id2token))
+    return {token: score for token, _, score in rows}
+
+
+def test_recommends_items_added_to_the_catalogue_after_training(trained_item_level, text_data, tmp_path):
+    data_path, name = text_data
+    history = ["i003", "i004", "i005"]
+    before = all_scores(Recommender(trained_item_level), history)
+    item_file = Path(data_path) / name / f"{name}.item"
+    sentences = dict(line.split("\t") for line in item_file.read_text().splitlines()[1:])
+    # A new item whose text is i006's, and one with a text of its own.
+    with item_file.open("a") as handle:
+        handle.write(f"new-twin\t{sentences['i006']}\nnew-other\tzz9\n")
+
+    recommender = Recommender(trained_item_level)
+    after = all_scores(recommender, history)
+    assert set(after) == set(before) | {"new-twin", "new-other"}
+    for token, score in before.items():  # no other item's score changes
+        assert after[token] == pytest.approx(score, rel=1e-5, abs=1e-5), token
+    spread = max(before.values()) - min(before.values())
+    assert abs(after["new-twin"] - after["i006"]) < 0.1 * spread  # its text twin's score, without an ID vector
+    # A new item in the history is read through its text, and the ranking stays finite.
+    assert all(torch.isfinite(torch.tensor(list(all_scores(recommender, [*history, "new-other"]).values()))))
+
+    cli = [sys.executable, "-m", "recbole_darec.recommend", f"--checkpoint={trained_item_level}",
+           "--history=i003,i004,new-twin", "--topk=70"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cli, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[1] for line in done.stdout.strip().splitlines()[1:]}
+    assert "new-other" in listed and "new-twin" in listed
+
+
+def test_models_without_item_text_refuse_new_items_in_a_history(tmp_path, text_data):
+    data_path, name = text_data
+    config, model, train_data, valid_data, _ = build("SASRec", name, {
+        **settings(tmp_path, data_path), "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1})
+    trainer = trainer_for(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    item_file = Path(data_path) / name / f"{name}.item"
+    with item_file.open("a") as handle:
+        handle.write("new-other\tzz9\n")
+    recommender = Recommender(trainer.saved_model_file)
+    assert "new-other" not in {token for token, *_ in recommender.recommend(["i003"], topk=100)}
+    with pytest.raises(UnknownItemError, match="new-other.*after SASRec was trained"):
+        recommender.recommend(["i003", "new-other"])
+
+
+# ----- the inductive benchmark ----------------------------------------------------------------------------------
+def test_held_out_items_lose_their_training_interactions_only(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from new_items import hold_out_items
+
+    data_path, name = write_cold_dataset(tmp_path / "dataset")
+    source = Path(data_path) / name
+    held = hold_out_items(source, tmp_path / "split" / name, 0.25, seed=3)
+    assert held == hold_out_items(source, tmp_path / "again" / name, 0.25, seed=3)  # fixed by the seed
+    assert held != hold_out_items(source, tmp_path / "other" / name, 0.25, seed=4)
+
+    def by_user(folder: Path) -> dict[str, list[str]]:
+        users: dict[str, list[str]] = {}
+        for line in (folder / f"{name}.inter").read_text().splitlines()[1:]:
+            user, item, _ = line.split("\t")
+            users.setdefault(user, []).append(item)
+        return users
+
+    before, after = by_user(source), by_user(tmp_path / "split" / name)
+    assert len(held) == round(0.25 * len({item for items in before.values() for item in items}))
+    for user, items in before.items():
+        assert after[user][-2:] == items[-2:]  # valid and test targets stay
+        assert after[user][:-2] == [item for item in items[:-2] if item not in held]
+    assert (tmp_path / "split" / name / f"{name}.item").read_text() == (source / f"{name}.item").read_text()
+
+
+def test_benchmark_ranks_match_recboles_evaluator(tmp_path, text_data, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from new_items import metrics, target_ranks
+
+    config, model, train_data, valid_data, test_data = build("DARec", text_data[1], settings(
+        tmp_path, text_data[0], epochs=3, eval_step=100))
+    trainer = trainer_for(config, model)
+    trainer.fit(train_data, valid_data, saved=False)
+    expected = trainer.evaluate(test_data, load_best_model=False)
+    model.eval()
+    ranks, _ = target_ranks(model.full_sort_predict, test_data, model.n_items)
+    ours = metrics(ranks)
+    assert ours["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
+    assert ours["recall@10"] == pytest.approx(expected["recall@10"], abs=1e-4)
