@@ -42,10 +42,9 @@ def cooccurrence_matrix(sequences: torch.Tensor, lengths: torch.Tensor, n_items:
 def mine_hard_negatives(text_vectors: torch.Tensor, cooccurrence: sp.csr_matrix, n_negatives: int,
                         chunk_size: int = 1024, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """For every item, the ``n_negatives`` items nearest by text vector (cosine) that never co-occur with it in a
-    training sequence. Row 0 (padding), the item itself and the items ``excluded`` (n_items,) bool are never
-    chosen. An item that co-occurs with almost
-    every other item has fewer such candidates than ``n_negatives``: its list is filled up with the nearest
-    co-occurring items. Returns (n_items, n_negatives)."""
+    training sequence. Row 0 (padding), the item itself and the items ``excluded`` ((n_items,) bool) are never
+    chosen. An item that co-occurs with almost every other item has fewer such candidates than ``n_negatives``: its
+    list is filled up with the nearest co-occurring items. Returns (n_items, n_negatives)."""
     n_items = len(text_vectors)
     if n_negatives >= n_items - 1:
         raise ValueError(f"hard_negatives={n_negatives} must be smaller than the number of items ({n_items - 1})")
