@@ -90,18 +90,20 @@ def test_item_id_dropout_leaves_out_ids_in_training_steps_only(tmp_path, text_da
     assert torch.equal(model.item_id_vectors(ids).norm(dim=-1) > 0, known)  # evaluation: every known ID
 
 
-@pytest.mark.parametrize("inductive", [False, True], ids=["default", "new-item-training"])
-def test_cold_targets_found_through_their_text(tmp_path, inductive):
+NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
+
+
+@pytest.mark.parametrize("extra", [{}, NEW_ITEM_TRAINING, {**NEW_ITEM_TRAINING, "id_residual": True}],
+                         ids=["default", "new-item-training", "id-residual"])
+def test_cold_targets_found_through_their_text(tmp_path, extra):
     """Trained on the walks, the model ranks each user's cold target (the next item's text twin, never in training)
     far above chance (Recall@10 of a random ranking of 40 items: 0.25)."""
     data_path, name = write_cold_dataset(tmp_path / "dataset")
-    extra = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3} if inductive else {}
     config, model, train_data, valid_data, test_data = build("DARec", name, settings(
         tmp_path, data_path, epochs=20, learning_rate=0.005, llm_learning_rate=0.001, eval_step=100, **extra))
     trainer = trainer_for(config, model)
     trainer.fit(train_data, valid_data, saved=False)
     result = trainer.evaluate(test_data, load_best_model=False)
-    print(inductive, dict(result))
     assert result["recall@10"] > 0.6, result
 
 

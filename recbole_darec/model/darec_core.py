@@ -47,6 +47,7 @@ class DARecCore(SequentialRecommender):
         super().__init__(config, dataset)
         self.context_masking = bool(config["context_masking"])
         self.normalize_scores = bool(config["normalize_scores"])
+        self.id_residual = bool(config["id_residual"])
         self.temperature = float(config["temperature"])
         self.lambda_align = float(config["lambda_align"] or 0.0)
         self.lambda_hard = float(config["lambda_hard"] or 0.0)
@@ -190,13 +191,22 @@ class DARecCore(SequentialRecommender):
         return self.item_id_known
 
     def plus_item_id(self, text_vectors: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Candidate vectors (N, D): the text part of ``item_ids`` (default every item), plus their ID part."""
+        """Candidate vectors (N, D): the text part of ``item_ids`` (default every item), plus their ID part
+        (``id_residual``: on the unit text vector)."""
+        if self.id_residual:
+            text_vectors = F.normalize(text_vectors, dim=-1)
         return text_vectors + self.item_id_vectors(item_ids) if self.use_item_id else text_vectors
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(P, D) x (N, D) -> (P, N) logits: cosine / temperature (``normalize_scores``), else dot products."""
+        """(P, D) x (N, D) -> (P, N) logits: cosine / temperature (``normalize_scores``), else dot products.
+
+        ``id_residual``: the user's unit vector against the candidate vector as it is, i.e. (cos(user, text) +
+        user . ID) / temperature, so an item without an ID vector (a new one) is scored on the scale of every other
+        item, by its text alone."""
         if not self.normalize_scores:
             return users @ items.T
+        if self.id_residual:
+            return F.normalize(users, dim=-1) @ items.T / self.temperature
         # The items' norms scale the product's columns: N is every item, and dividing every candidate vector (with
         # its backward) costs more than the product itself.
         column_scale = 1.0 / (self.temperature * items.norm(dim=-1).clamp_min(1e-12))  # (N,), F.normalize's eps
@@ -246,7 +256,8 @@ class DARecCore(SequentialRecommender):
             self._mine_hard_negatives()
             losses.append(self.lambda_hard * hard_negative_loss(terms.user_vecs, terms.item_vecs, terms.next_items,
                                                                 self.hard_negatives[terms.next_items],
-                                                                self.hard_temperature))
+                                                                self.hard_temperature,
+                                                                normalize_items=not self.id_residual))
         if self.cf_injection is not None and self.cf_injection.lambda_cf > 0:
             losses.append(self.cf_injection.lambda_cf * self.cf_injection.calculate_loss(users, full_seq, full_len))
         return losses

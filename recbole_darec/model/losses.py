@@ -15,15 +15,17 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> t
 
 
 def hard_negative_loss(users: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor,
-                       negative_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+                       negative_ids: torch.Tensor, temperature: float, normalize_items: bool = True) -> torch.Tensor:
     """InfoNCE of each user vector (P, D) against its target item (P,) and the target's hard negatives (P, K),
-    all looked up in ``item_vecs`` (n_items, D)."""
+    all looked up in ``item_vecs`` (n_items, D); ``normalize_items``: cosine, else the unit user against the item
+    vector as it is."""
     users = F.normalize(users, dim=-1)
     candidate_ids = torch.cat([targets[:, None], negative_ids], dim=1)  # (P, 1+K)
     # index_select, not item_vecs[candidate_ids]: the backward of advanced indexing is an accumulating index_put_,
     # whose float sums run in a thread-dependent order on a multi-core CPU, so two runs with one seed drifted apart.
     candidates = item_vecs.index_select(0, candidate_ids.flatten()).view(*candidate_ids.shape, -1)  # (P, 1+K, D)
-    candidates = F.normalize(candidates, dim=-1)
+    if normalize_items:
+        candidates = F.normalize(candidates, dim=-1)
     logits = torch.einsum("pd,pkd->pk", users, candidates) / temperature
     return F.cross_entropy(logits, torch.zeros(len(users), dtype=torch.long, device=users.device))
 
