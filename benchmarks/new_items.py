@@ -65,8 +65,8 @@ def hold_out_items(source: Path, target: Path, fraction: float, seed: int) -> li
 @torch.no_grad()
 def target_ranks(score, test_data, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank of each test user's target among all items, 1 = first; the target's internal id) under RecBole's
-    full-ranking protocol: padding and the user's earlier items are not candidates. Ties count in the target's
-    favour, as no model here scores two items exactly alike except where both are excluded."""
+    full-ranking protocol: padding (and, where RecBole masks them, the user's earlier items) are not candidates.
+    A tie counts against the target: items with the same text and no ID vector score exactly alike."""
     ranks, targets = [], []
     for interaction, history_index, positive_u, positive_i in test_data:
         scores = score(interaction).view(-1, n_items).float().clone()  # (B, n_items)
@@ -74,7 +74,7 @@ def target_ranks(score, test_data, n_items: int) -> tuple[torch.Tensor, torch.Te
         if history_index is not None:
             scores[history_index] = float("-inf")
         target_scores = scores[positive_u, positive_i]  # (B,): one target per user (leave-one-out)
-        ranks.append((scores > target_scores[:, None]).sum(1) + 1)
+        ranks.append((scores >= target_scores[:, None]).sum(1))  # the target itself included
         targets.append(positive_i)
     return torch.cat(ranks), torch.cat(targets)
 

@@ -114,8 +114,8 @@ class Recommender:
         if after_training:
             raise UnknownItemError(
                 f"item(s) {', '.join(after_training)} of --history came to the .item file after "
-                f"{self.config['model']} was trained, and it reads no item text: only DARec recommends and reads "
-                "items added after training.")
+                f"{self.config['model']} was trained, and {self.config['model']} cannot read an item it was not "
+                "trained with; DARec (the default layout) reads and recommends such items by their text.")
         if unknown:
             examples = ", ".join(self.id2token[1:4])
             raise UnknownItemError(
