@@ -42,6 +42,7 @@ class DARec(DARecCore):
             raise ValueError(f"sequence_layers={config['sequence_layers']}: must be between 1 and {n_layers - 1} "
                              f"(the backbone keeps {n_layers} layers: llm_layers).")
         self.item_positions = int(config["item_positions"] or 1)
+        self.last_item_skip = bool(config["last_item_skip"])
         self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
@@ -124,7 +125,7 @@ class DARec(DARecCore):
         with gradient everywhere: no stale cache and no in-batch negatives drawn in proportion to popularity."""
         states = self.encode_histories(full_seq, full_len, users)  # (B, L+1, H)
         has_next, next_items = self.next_positions(full_seq, full_len)
-        user_vecs = self.user_proj(self.dropout(states[:, :-1][has_next]))  # (P, D): after item k, for item k+1
+        user_vecs = self.user_from(self.dropout(states[:, :-1][has_next]), full_seq[:, :-1][has_next])  # (P, D)
         item_vecs = self.item_vectors()  # (n_items, D)
         logits = self.score(user_vecs, item_vecs)
         logits[:, ~self.training_candidates()] = float("-inf")  # padding too
@@ -137,7 +138,18 @@ class DARec(DARecCore):
         item_len = interaction[self.ITEM_SEQ_LEN]
         item_seq = interaction[self.ITEM_SEQ][:, : int(item_len.max())]  # no slots that every row leaves empty
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
-        return self.user_proj(self.encode_histories(item_seq, item_len, users, last_only=True))
+        last_items = item_seq[torch.arange(len(item_len)), item_len - 1]  # (B,)
+        return self.user_from(self.encode_histories(item_seq, item_len, users, last_only=True), last_items)
+
+    def user_from(self, states: torch.Tensor, last_items: torch.Tensor) -> torch.Tensor:
+        """User vectors (P, D) from the states (P, H) after ``last_items`` (P,); ``last_item_skip`` adds the text
+        part of that item's candidate vector: the user starts at the item just read, so items of similar text
+        (new ones too) score high from the start, as SASRec's input and output item vectors, one and the same,
+        give it."""
+        users = self.user_proj(states)
+        if self.last_item_skip:
+            users = users + self.item_proj(self.item_text_features[last_items])
+        return users
 
     def encode_candidates(self) -> torch.Tensor:
         return self.item_vectors()
