@@ -135,7 +135,7 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
         model = saved.model
         entry = evaluate(variant, int(seed), lambda inter, m=model: m.full_sort_predict(inter.to(m.device)),
                          test_data, n_items, held_ids)
-        # The same ranking as RecBole's evaluator: its test metrics are kept beside ours for every row.
+        # RecBole's own test metrics beside ours: the same ranking, except that its top-k breaks ties by item id.
         entry["recbole_test"] = {key: row["test_result"][key] for key in ("ndcg@10", "recall@10")}
         results.append(entry)
         if not text_sim_done and hasattr(model, "item_text_features"):
