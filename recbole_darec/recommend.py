@@ -13,7 +13,6 @@ on demand (the states cached on disk) and ranks them by it; no retraining, and n
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -23,7 +22,7 @@ from recbole.utils import init_seed
 import recbole_darec  # noqa: F401  (compat first: numpy aliases must exist before recbole is imported)
 from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.data import load_data
-from recbole_darec.data.item_text import read_item_sentences
+from recbole_darec.data.dataset import dataset_item_sentences
 from recbole_darec.errors import run_cli
 from recbole_darec.utils import build_model
 
@@ -82,12 +81,7 @@ class Recommender:
     def _add_new_items(self) -> None:
         """Rows of the ``.item`` file for items that no interaction of the training data holds (a shop's new items)
         join the catalogue through their text, where the model can read text (DARec's ``add_items``)."""
-        item_file = os.path.join(self.config["data_path"], f"{self.config['dataset']}.item")
-        if not os.path.isfile(item_file):
-            return
-        sentences = read_item_sentences(item_file, self.iid_field, self.config["item_text_fields"],
-                                        self.config["field_separator"] or "\t",
-                                        with_keys=self.config["item_text_format"] == "key_value")
+        sentences = dataset_item_sentences(self.config, self.iid_field) or {}
         new = [token for token in sentences if token not in self.token2id]
         if not new:
             return

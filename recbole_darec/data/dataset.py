@@ -12,16 +12,22 @@ from recbole.data.dataset import SequentialDataset
 from recbole_darec.data.item_text import align_item_sentences, read_item_sentences
 
 
-def load_item_sentences(config, item_id_field: str, id_tokens) -> list[str]:
-    """Sentence of every internal item id, read from the dataset's ``.item`` file ("" where there is none)."""
+def dataset_item_sentences(config, item_id_field: str) -> dict[str, str] | None:
+    """Sentence of every raw item id of the dataset's ``.item`` file, or None when there is no such file."""
     item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
     if config["item_text_format"] not in (None, "values", "key_value"):
         raise ValueError(f"item_text_format={config['item_text_format']!r}: expected values or key_value.")
-    if os.path.isfile(item_file):
-        sentences = read_item_sentences(item_file, item_id_field, config["item_text_fields"],
-                                        config["field_separator"] or "\t",
-                                        with_keys=config["item_text_format"] == "key_value")
-    else:
+    if not os.path.isfile(item_file):
+        return None
+    return read_item_sentences(item_file, item_id_field, config["item_text_fields"],
+                               config["field_separator"] or "\t", with_keys=config["item_text_format"] == "key_value")
+
+
+def load_item_sentences(config, item_id_field: str, id_tokens) -> list[str]:
+    """Sentence of every internal item id, read from the dataset's ``.item`` file ("" where there is none)."""
+    sentences = dataset_item_sentences(config, item_id_field)
+    if sentences is None:
+        item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
         logging.getLogger(__name__).warning(
             f"{item_file} not found: items have no text (their ID and CF signal still work).")
         sentences = {}
