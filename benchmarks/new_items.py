@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from common import ROOT, default_data_path
 
 TOPK = 10
@@ -112,22 +113,29 @@ def evaluate(name: str, seed: int | None, score, test_data, n_items: int, held_i
 
 
 def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
-    """Every finished row's best checkpoint (and TextSim on the first DARec row's data) on held-out and all
-    targets."""
+    """Every finished row's best checkpoint (and TextSim on the first text-reading row's data) on held-out and all
+    targets. Each row's figures are kept beside it (``rows/<row>.new_items.json``, committed with the row), so a
+    clone without the checkpoints still reports it; a row trained again is scored again."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
 
-    results, text_sim_done = [], False
+    results, text_sim_file = [], out_dir / "rows" / "TextSim.new_items.json"
     for row_file in sorted((out_dir / "rows").glob("*-seed*.json")):
-        if row_file.name.endswith((".config.json", ".started.json", ".resume.json")):
+        if row_file.name.endswith((".config.json", ".started.json", ".resume.json", ".new_items.json")):
             continue
         row = json.loads(row_file.read_text())
-        checkpoint = row.get("saved_model_file")
-        if not checkpoint or not Path(checkpoint).is_file():
-            print(f"!! {row_file.name}: no checkpoint ({checkpoint}), left out", flush=True)
-            continue
         variant, seed = row_file.stem.rsplit("-seed", 1)
+        checkpoint = row.get("saved_model_file")
+        scored_file = row_file.with_suffix(".new_items.json")
+        if scored_file.exists():
+            entry = json.loads(scored_file.read_text())
+            if entry.get("recbole_test") == {key: row["test_result"][key] for key in ("ndcg@10", "recall@10")}:
+                results.append(entry)
+                continue
+        if not checkpoint or not Path(checkpoint).is_file():
+            print(f"!! {row_file.name}: no checkpoint ({checkpoint}) and no figures of this row, left out", flush=True)
+            continue
         saved = Recommender(checkpoint)
         _, _, _, test_data = load_data(saved.config)
         n_items = len(saved.id2token)
@@ -137,16 +145,21 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
                          test_data, n_items, held_ids)
         # RecBole's own test metrics beside ours: the same ranking, except that its top-k breaks ties by item id.
         entry["recbole_test"] = {key: row["test_result"][key] for key in ("ndcg@10", "recall@10")}
+        scored_file.write_text(json.dumps(entry, indent=1))
         results.append(entry)
-        if not text_sim_done and hasattr(model, "item_text_features"):
+        if not text_sim_file.exists() and hasattr(model, "item_text_features"):
             score = text_similarity_scores(model.item_text_features.float().cpu(), (model.ITEM_SEQ, model.ITEM_SEQ_LEN))
-            results.append(evaluate("TextSim", None, score, test_data, n_items, held_ids))
-            text_sim_done = True
+            text_sim_file.write_text(json.dumps(evaluate("TextSim", None, score, test_data, n_items, held_ids),
+                                                indent=1))
+    if text_sim_file.exists():
+        results.append(json.loads(text_sim_file.read_text()))
     return results
 
 
-def report(results: list[dict], header: str) -> str:
-    variants = list(dict.fromkeys(entry["variant"] for entry in results))
+def report(results: list[dict], header: str, order: list[str]) -> str:
+    """The table, TextSim first, then the rows in the profile's order."""
+    variants = sorted(dict.fromkeys(entry["variant"] for entry in results),
+                      key=lambda v: -1 if v == "TextSim" else order.index(v) if v in order else len(order))
     lines = [header, "", "| model | seeds | held-out targets: N@10 | R@10 | seen targets: N@10 | R@10 | "
              "all test users: N@10 | R@10 |", "|---|---|---|---|---|---|---|---|"]
     for variant in variants:
@@ -201,11 +214,16 @@ def main() -> None:
         subprocess.run(command, check=True)
 
     results = evaluate_rows(out_dir, held_out)
+    order = list(yaml.safe_load((ROOT / "benchmarks" / "profiles" / "new-items.yaml").read_text())["variants"])
+    trained = [entry for entry in results if entry["seed"] is not None]
+    models = sorted({entry["variant"] for entry in trained}, key=lambda v: order.index(v) if v in order else len(order))
+    seeds = sorted({entry["seed"] for entry in trained})
+    # The command that trains (or, with the rows' files present, reports) every row in the table.
     header = (f"Dataset {args.dataset}, {len(held_out)} items ({args.fraction:.0%}, split seed {args.split_seed}) "
               "held out of training.\nCommand: python benchmarks/new_items.py "
-              f"--dataset={args.dataset} --models={args.models} --seeds={args.seeds}"
+              f"--dataset={args.dataset} --models={','.join(models)} --seeds={','.join(map(str, seeds))}"
               + (f" --run_args='{args.run_args}'" if args.run_args else ""))
-    text = report(results, header)
+    text = report(results, header, order)
     (out_dir / "new_items.md").write_text(text)
     (out_dir / "new_items.json").write_text(json.dumps(results, indent=1))
     print(text)
