@@ -127,10 +127,13 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
         row = json.loads(row_file.read_text())
         variant, seed = row_file.stem.rsplit("-seed", 1)
         checkpoint = row.get("saved_model_file")
+        # RecBole's own test metrics beside ours: the same ranking, except that its top-k breaks ties by item id.
+        # They also tell figures of this very row from those of a row trained before under the same name.
+        recbole_test = {key: row["test_result"][key] for key in ("ndcg@10", "recall@10")}
         scored_file = row_file.with_suffix(".new_items.json")
         if scored_file.exists():
             entry = json.loads(scored_file.read_text())
-            if entry.get("recbole_test") == {key: row["test_result"][key] for key in ("ndcg@10", "recall@10")}:
+            if entry.get("recbole_test") == recbole_test:
                 results.append(entry)
                 continue
         if not checkpoint or not Path(checkpoint).is_file():
@@ -143,8 +146,7 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
         model = saved.model
         entry = evaluate(variant, int(seed), lambda inter, m=model: m.full_sort_predict(inter.to(m.device)),
                          test_data, n_items, held_ids)
-        # RecBole's own test metrics beside ours: the same ranking, except that its top-k breaks ties by item id.
-        entry["recbole_test"] = {key: row["test_result"][key] for key in ("ndcg@10", "recall@10")}
+        entry["recbole_test"] = recbole_test
         scored_file.write_text(json.dumps(entry, indent=1))
         results.append(entry)
         if not text_sim_file.exists() and hasattr(model, "item_text_features"):
@@ -156,10 +158,14 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
     return results
 
 
+def in_profile_order(variants, order: list[str]) -> list[str]:
+    """``variants`` once each, TextSim first, then as the profile lists them (others last)."""
+    return sorted(set(variants), key=lambda v: -1 if v == "TextSim" else order.index(v) if v in order else len(order))
+
+
 def report(results: list[dict], header: str, order: list[str]) -> str:
     """The table, TextSim first, then the rows in the profile's order."""
-    variants = sorted(dict.fromkeys(entry["variant"] for entry in results),
-                      key=lambda v: -1 if v == "TextSim" else order.index(v) if v in order else len(order))
+    variants = in_profile_order((entry["variant"] for entry in results), order)
     lines = [header, "", "| model | seeds | held-out targets: N@10 | R@10 | seen targets: N@10 | R@10 | "
              "all test users: N@10 | R@10 |", "|---|---|---|---|---|---|---|---|"]
     for variant in variants:
@@ -216,7 +222,7 @@ def main() -> None:
     results = evaluate_rows(out_dir, held_out)
     order = list(yaml.safe_load((ROOT / "benchmarks" / "profiles" / "new-items.yaml").read_text())["variants"])
     trained = [entry for entry in results if entry["seed"] is not None]
-    models = sorted({entry["variant"] for entry in trained}, key=lambda v: order.index(v) if v in order else len(order))
+    models = in_profile_order((entry["variant"] for entry in trained), order)
     seeds = sorted({entry["seed"] for entry in trained})
     # The command that trains (or, with the rows' files present, reports) every row in the table.
     header = (f"Dataset {args.dataset}, {len(held_out)} items ({args.fraction:.0%}, split seed {args.split_seed}) "

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from recbole_darec.data.item_text import item_file_path
+
 logger = logging.getLogger(__name__)
 
 # RecBole's FeatureType values: every header cell of a file it reads is "name:type" with one of them.
@@ -152,7 +154,7 @@ def check_item_file(config) -> None:
     with the item id column (named once) and at least one row. Without the file a run has no item text: that is
     allowed (a warning), a broken one is not. When RecBole reads it too, every byte must decode and every header
     cell carry a type, as in the ``.inter`` file (item_text.py's own reader only warns about bad rows)."""
-    item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+    item_file = item_file_path(config)
     recbole_reads = _recbole_reads(config, "item")
     if not ((config["item_max_tokens"] is not None or recbole_reads) and os.path.isfile(item_file)):
         return

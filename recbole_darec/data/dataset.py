@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from recbole.data.dataset import SequentialDataset
 
-from recbole_darec.data.item_text import align_item_sentences, read_item_sentences
+from recbole_darec.data.item_text import align_item_sentences, item_file_path, read_item_sentences
 
 
 def dataset_item_sentences(config, item_id_field: str) -> dict[str, str] | None:
     """Sentence of every raw item id of the dataset's ``.item`` file, or None when there is no such file."""
-    item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+    item_file = item_file_path(config)
     if config["item_text_format"] not in (None, "values", "key_value"):
         raise ValueError(f"item_text_format={config['item_text_format']!r}: expected values or key_value.")
     if not os.path.isfile(item_file):
@@ -27,9 +27,8 @@ def load_item_sentences(config, item_id_field: str, id_tokens) -> list[str]:
     """Sentence of every internal item id, read from the dataset's ``.item`` file ("" where there is none)."""
     sentences = dataset_item_sentences(config, item_id_field)
     if sentences is None:
-        item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
         logging.getLogger(__name__).warning(
-            f"{item_file} not found: items have no text (their ID and CF signal still work).")
+            f"{item_file_path(config)} not found: items have no text (their ID and CF signal still work).")
         sentences = {}
     return align_item_sentences(sentences, id_tokens)
 

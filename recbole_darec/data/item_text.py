@@ -27,6 +27,11 @@ def _field_name(header_cell: str) -> str:
     return header_cell.split(":", 1)[0].strip()
 
 
+def item_file_path(config) -> str:
+    """The dataset's ``.item`` file, where RecBole looks for it."""
+    return os.path.join(config["data_path"], f"{config['dataset']}.item")
+
+
 def read_item_sentences(item_file: str, item_id_field: str, text_fields: Sequence[str] | None = None,
                         separator: str = "\t", with_keys: bool = False) -> dict[str, str]:
     """Map each raw item token of ``item_file`` to its sentence: ``"value. value"``, or ``"key: value; key: value"``
