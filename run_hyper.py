@@ -10,6 +10,10 @@ is not one stops the tuning with its line number before the first trial):
     dropout uniform 0.0,0.5                   also: quniform low,high,q
 --algo: bayes (TPE, default), random, or exhaustive (every combination of the choice parameters; ignores
 --max_evals). Other --key=value flags and --config_files fix settings for every trial, as in run_darec.py.
+
+Resumable: every finished trial goes to the tuning log (<output_file without suffix>.trials.jsonl); the same
+command started again replays the logged trials instead of training them, resumes a trial cut off mid-training from
+its last epoch, and goes on. A larger --max_evals extends a finished tuning.
 """
 
 import argparse
@@ -33,6 +37,8 @@ def main() -> None:
                         "hyper_<model>_<dataset>.result)")
     parser.add_argument("--display_file", type=str, default=None, help="HTML plot of the tuning (plotly)")
     parser.add_argument("--hyper_seed", type=int, default=2020, help="seed of hyperopt's proposals")
+    parser.add_argument("--tuning_log", type=str, default=None, help="log of finished trials that makes the run "
+                        "resumable (default: <output_file without suffix>.trials.jsonl)")
     args, _ = parser.parse_known_args()  # the rest (--key=value) is read by RecBole's Config in every trial
 
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
@@ -48,6 +54,7 @@ def main() -> None:
         output_file=output_file,
         display_file=args.display_file,
         seed=args.hyper_seed,
+        tuning_log=args.tuning_log,
     )
     print("best params: ", tuner.best_params)
     print("best result: ")

@@ -1,18 +1,28 @@
-"""Hyper-parameter tuning of any harness model with RecBole's ``HyperTuning`` (hyperopt), as run_hyper.py does."""
+"""Hyper-parameter tuning of any harness model with RecBole's ``HyperTuning`` (hyperopt), as run_hyper.py does,
+resumable: every finished trial is logged, and a tuning run started again goes on from where it was cut off."""
 
 from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
+import json
+import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from recbole_darec.compat import fix_recbole_hyper_tuning
 from recbole_darec.config import Config, every_setting_name
+from recbole_darec.files import append_json_line, read_json_lines
+from recbole_darec.provenance import code_version
 from recbole_darec.quick_start import objective_function
+
+logger = logging.getLogger(__name__)
 
 HYPER_ALGOS = ("exhaustive", "random", "bayes")
 # RecBole's params-file distributions and the number of comma-separated numbers each takes (choice: a list).
@@ -117,6 +127,64 @@ def _hyperopt_seed(seed: int | None) -> Iterator[None]:
         os.environ.pop("HYPEROPT_FMIN_SEED", None)
 
 
+def _plain(value: Any) -> Any:
+    """hyperopt hands out numpy scalars; the log and the trial's config take Python ones."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class TuningLog:
+    """The trials of one tuning run, one JSON line each, so that a run cut off goes on where it stopped.
+
+    The first line names the run (model, dataset, fixed settings, search space, algorithm, seed; not the number of
+    trials, which a later start may raise); every finished trial adds its parameters and result. Started again,
+    the run replays a logged trial's result to the search instead of training it again: seeded, the search then
+    proposes the same next trial as before. A trial cut off mid-training resumes from its last epoch's checkpoint,
+    kept in its own folder beside the log."""
+
+    def __init__(self, path: str | os.PathLike, run: dict[str, Any]) -> None:
+        self.path = Path(path)
+        # hyper.trials.jsonl keeps its trials' checkpoints in hyper.trials/
+        self.trials_dir = self.path.with_suffix("") if self.path.suffix else self.path.with_name(self.path.name + ".d")
+        records = [record for _, record in read_json_lines(self.path)]
+        if records and records[0].get("run") != run:
+            logged = records[0].get("run") or {}
+            differs = sorted(key for key in {*logged, *run} if logged.get(key) != run.get(key))
+            raise ValueError(f"{self.path}: this tuning log was made by another tuning run (it differs in "
+                             f"{', '.join(differs) or 'its first line'}); give this run another --output_file, or "
+                             "delete the log to start afresh.")
+        if not records:
+            append_json_line(self.path, {"run": run})
+        self.finished = {record["key"]: record for record in records[1:] if "key" in record and "result" in record}
+        self.code = code_version()
+
+    @staticmethod
+    def key(params: dict[str, Any]) -> str:
+        return json.dumps({name: _plain(value) for name, value in params.items()}, sort_keys=True)
+
+    def run_trial(self, params: dict[str, Any], train: Any) -> dict:
+        """The result of the trial ``params``: logged, or trained by ``train(checkpoint_dir, resume_file)``."""
+        key = self.key(params)
+        if key in self.finished:
+            record = self.finished[key]
+            if record.get("code_version") != self.code:
+                logger.warning("%s: replaying trial %s, trained by other code (%s, now %s)", self.path, key,
+                               record.get("code_version"), self.code)
+            else:
+                logger.info("%s: replaying finished trial %s", self.path, key)
+            return record["result"]
+        checkpoint_dir = self.trials_dir / hashlib.sha1(key.encode()).hexdigest()[:12]
+        cut_off = sorted(checkpoint_dir.glob("*-last.pth"), key=lambda path: path.stat().st_mtime)
+        if cut_off:
+            logger.info("%s: trial %s resumes from %s", self.path, key, cut_off[-1])
+        start = time.perf_counter()
+        result = train(str(checkpoint_dir), str(cut_off[-1]) if cut_off else None)
+        record = {"key": key, "params": json.loads(key), "result": result, "code_version": self.code,
+                  "seconds": time.perf_counter() - start, "resumed_from": cut_off[-1].name if cut_off else None}
+        append_json_line(self.path, record)
+        self.finished[key] = record
+        return result
+
+
 def hyper_tune(
     params_file: str,
     model: str | None = None,
@@ -129,6 +197,7 @@ def hyper_tune(
     output_file: str | None = None,
     display_file: str | None = None,
     seed: int | None = 2020,
+    tuning_log: str | None = None,
 ) -> Any:
     """Tune the parameters of ``params_file`` (RecBole's syntax: ``name choice [..]`` / ``name loguniform lo,hi``
     with natural-log bounds / ``uniform`` / ``quniform``); returns the finished ``HyperTuning``.
@@ -137,6 +206,9 @@ def hyper_tune(
     ``config_dict`` and ``config_file_list``. ``algo='exhaustive'`` tries every combination of the ``choice``
     parameters and ignores ``max_evals`` (RecBole's behaviour); ``random`` and ``bayes`` (TPE) run ``max_evals``
     trials, stopping after ``early_stop`` trials without improvement.
+
+    ``tuning_log`` (default: ``output_file`` with the suffix ``.trials.jsonl``; none without either): the
+    ``TuningLog`` that makes the run resumable.
     """
     if algo not in HYPER_ALGOS:
         raise ValueError(f"algo={algo!r}: expected one of {', '.join(HYPER_ALGOS)}")
@@ -147,9 +219,24 @@ def hyper_tune(
     # The fixed settings and the params file are checked once, before the first trial trains anything.
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=fixed)
     space = read_search_space(params_file, config)
+    if tuning_log is None and output_file:
+        tuning_log = str(Path(output_file).with_suffix(".trials.jsonl"))
+    log = None
+    if tuning_log:
+        run = {"model": config["model"], "dataset": config["dataset"],
+               "fixed": json.loads(json.dumps(fixed, default=str)), "config_files": config_file_list,
+               "space": Path(params_file).read_text(encoding="utf-8"), "algo": algo, "seed": seed}
+        log = TuningLog(tuning_log, run)
 
     def objective(params: dict, fixed_config_file_list: list[str] | None) -> dict:
-        return objective_function({**fixed, **params}, fixed_config_file_list, model=model, dataset=dataset)
+        params = {name: _plain(value) for name, value in params.items()}
+
+        def train(checkpoint_dir: str | None = None, resume: str | None = None) -> dict:
+            paths = {"checkpoint_dir": checkpoint_dir, "resume": resume} if checkpoint_dir else {}
+            return objective_function({**fixed, **params, **paths}, fixed_config_file_list, model=model,
+                                      dataset=dataset)
+
+        return log.run_trial(params, train) if log else train()
 
     tuner = HyperTuning(
         objective,

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_DATASET, assert_protocol_metrics
 from recbole.utils import init_seed
 
-from recbole_darec import compat, provenance, trainer
+from recbole_darec import compat, hyper, provenance, trainer
 from recbole_darec.config import Config
 from recbole_darec.data import load_data
 from recbole_darec.hyper import hyper_tune
@@ -253,17 +253,13 @@ def test_search_flag_comes_from_the_command_line(isolated_run, tiny_dataset, fas
 # ---------------------------------------------------------------- run_hyper
 
 
-def test_run_hyper_completes_two_trials(isolated_run, tiny_dataset, fast_config):
+def test_run_hyper_completes_two_trials_and_a_second_start_replays_them(isolated_run, tiny_dataset, fast_config,
+                                                                        monkeypatch):
     output = isolated_run / "hyper.result"
-    tuner = hyper_tune(
-        str(ROOT / "hyper" / "darec.hyper"),
-        model="DARecTokens",
-        dataset=TINY_DATASET,
-        config_dict=darec_config(tiny_dataset, fast_config, isolated_run, adapter_arch="s"),
-        algo="bayes",
-        max_evals=2,
-        output_file=str(output),
-    )
+    settings = darec_config(tiny_dataset, fast_config, isolated_run, adapter_arch="s")
+    tune = dict(model="DARecTokens", dataset=TINY_DATASET, config_dict=settings, algo="bayes", max_evals=2,
+                output_file=str(output))
+    tuner = hyper_tune(str(ROOT / "hyper" / "darec.hyper"), **tune)
     assert len(tuner.params_list) == 2
     assert set(tuner.best_params) == {"learning_rate", "llm_learning_rate", "adapter_size", "lambda_align",
                                       "lambda_hard"}
@@ -271,6 +267,90 @@ def test_run_hyper_completes_two_trials(isolated_run, tiny_dataset, fast_config)
     assert best["model"] == "DARecTokens" and best["valid_score_bigger"] is True
     assert_protocol_metrics(best["test_result"])
     assert output.read_text().count("Test result:") == 2
+    # Each trial trained in its own folder, with the resume checkpoint of its last epoch.
+    trial_dirs = sorted((isolated_run / "hyper.trials").iterdir())
+    assert len(trial_dirs) == 2 and all(list(d.glob("*-last.pth")) for d in trial_dirs)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a logged trial was trained again")
+
+    monkeypatch.setattr(hyper, "objective_function", must_not_train)
+    again = hyper_tune(str(ROOT / "hyper" / "darec.hyper"), **tune)
+    assert again.params_list == tuner.params_list and again.best_params == tuner.best_params
+
+
+def fake_objective(calls: list):
+    """A stand-in for a harness run: its score is a function of the trial's parameters."""
+    def objective(config_dict, config_file_list, model=None, dataset=None):
+        calls.append(dict(config_dict))
+        score = config_dict.get("learning_rate", 0) * 100 + config_dict["adapter_size"]
+        return {"model": model, "best_valid_score": score, "valid_score_bigger": True,
+                "best_valid_result": {"ndcg@10": score}, "test_result": {"ndcg@10": score}}
+    return objective
+
+
+@pytest.mark.parametrize("algo", ["bayes", "random"])
+def test_run_hyper_cut_off_goes_on_with_the_same_trials(isolated_run, tiny_dataset, fast_config, monkeypatch, algo):
+    params = isolated_run / "space.hyper"
+    params.write_text("learning_rate loguniform -9.21,-4.61\nadapter_size choice [8,16,32]\n")
+    settings = darec_config(tiny_dataset, fast_config, isolated_run)
+    tune = dict(model="DARec", dataset=TINY_DATASET, config_dict=settings, algo=algo, max_evals=5, early_stop=50)
+    reference_calls: list = []
+    monkeypatch.setattr(hyper, "objective_function", fake_objective(reference_calls))
+    reference = hyper_tune(str(params), **tune, tuning_log=str(isolated_run / "reference.trials.jsonl"))
+
+    # The same run, cut off after its second trial (the log keeps its first line and two trials), then started
+    # again: it trains only the trials after those, the same ones as the uninterrupted run, in the same order.
+    log = isolated_run / "cut.trials.jsonl"
+    log.write_text("".join((isolated_run / "reference.trials.jsonl").read_text().splitlines(True)[:3]))
+    calls: list = []
+    monkeypatch.setattr(hyper, "objective_function", fake_objective(calls))
+    resumed = hyper_tune(str(params), **tune, tuning_log=str(log))
+    assert [c["learning_rate"] for c in calls] == [c["learning_rate"] for c in reference_calls[2:]]
+    assert resumed.params_list == reference.params_list and resumed.best_params == reference.best_params
+    assert len(log.read_text().splitlines()) == 1 + 5
+
+    # A larger budget extends it: only the new trials train.
+    calls.clear()
+    hyper_tune(str(params), **{**tune, "max_evals": 7}, tuning_log=str(log))
+    assert len(calls) == 2
+
+
+def test_run_hyper_trial_cut_off_mid_training_resumes_from_its_checkpoint(isolated_run, tiny_dataset, fast_config,
+                                                                          monkeypatch):
+    params = isolated_run / "space.hyper"
+    params.write_text("adapter_size choice [8,16]\n")
+    settings = darec_config(tiny_dataset, fast_config, isolated_run)
+    log = isolated_run / "grid.trials.jsonl"
+    tune = dict(model="DARec", dataset=TINY_DATASET, config_dict=settings, algo="exhaustive",
+                tuning_log=str(log))
+    calls: list = []
+    monkeypatch.setattr(hyper, "objective_function", fake_objective(calls))
+    hyper_tune(str(params), **tune)
+    first_dir = Path(calls[0]["checkpoint_dir"])
+    assert calls[0]["resume"] is None and first_dir.parent == isolated_run / "grid.trials"
+
+    # The first trial was cut off after an epoch: its log line is gone, its checkpoint is there.
+    lines = log.read_text().splitlines(True)
+    log.write_text(lines[0] + lines[2])
+    first_dir.mkdir(parents=True, exist_ok=True)
+    (first_dir / "DARec-Dec-07-2026_00-00-00-last.pth").write_bytes(b"")
+    calls.clear()
+    hyper_tune(str(params), **tune)
+    assert len(calls) == 1 and calls[0]["resume"] == str(first_dir / "DARec-Dec-07-2026_00-00-00-last.pth")
+
+
+def test_run_hyper_refuses_a_log_of_another_tuning_run(isolated_run, tiny_dataset, fast_config, monkeypatch):
+    params = isolated_run / "space.hyper"
+    params.write_text("adapter_size choice [8,16]\n")
+    settings = darec_config(tiny_dataset, fast_config, isolated_run)
+    log = isolated_run / "grid.trials.jsonl"
+    monkeypatch.setattr(hyper, "objective_function", fake_objective([]))
+    hyper_tune(str(params), model="DARec", dataset=TINY_DATASET, config_dict=settings, algo="exhaustive",
+               tuning_log=str(log))
+    with pytest.raises(ValueError, match=r"grid\.trials\.jsonl: .*another tuning run.*fixed"):
+        hyper_tune(str(params), model="DARec", dataset=TINY_DATASET, config_dict={**settings, "rec_dim": 16},
+                   algo="exhaustive", tuning_log=str(log))
 
 
 def test_exhaustive_hyper_tuning_works_with_hyperopt_03(tmp_path):

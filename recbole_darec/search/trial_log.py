@@ -6,13 +6,13 @@ point loses at most the trial in flight and can resume from the log.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recbole_darec.files import append_json_line, read_json_lines
 from recbole_darec.model.adapters import str_to_arch
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,6 @@ class Trial:
     seconds: float
     method: str
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trial:
@@ -52,36 +49,16 @@ class TrialLog:
         self.path = Path(path)
 
     def read(self) -> list[Trial]:
-        """All well-formed trials in file order; a missing file is an empty log.
-
-        A malformed line (typically the last one, cut short when the process was killed mid-write) is
-        reported and skipped rather than raised: losing one trial must not make the whole search unusable.
-        """
-        if not self.path.exists():
-            return []
+        """All well-formed trials in file order; a missing file is an empty log. A malformed record (typically the
+        last one, cut short when the process was killed mid-write) is reported and skipped."""
         trials = []
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    trials.append(Trial.from_dict(json.loads(line)))
-                except (ValueError, KeyError, TypeError) as err:
-                    logger.warning("%s:%d: skipping malformed trial record (%s)", self.path, lineno, err)
+        for line_number, record in read_json_lines(self.path):
+            try:
+                trials.append(Trial.from_dict(record))
+            except (ValueError, KeyError, TypeError) as err:
+                logger.warning("%s:%d: skipping malformed trial record (%s)", self.path, line_number, err)
         return trials
 
     def append(self, trial: Trial) -> None:
         """Append one trial as one line and force it to disk."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = trial.to_json() + "\n"
-        # A kill mid-write leaves a partial line without its newline; start on a fresh line so the new
-        # record is not glued onto the fragment (which would corrupt it too).
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = "\n" + line
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_json_line(self.path, asdict(trial))
