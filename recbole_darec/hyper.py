@@ -223,8 +223,12 @@ def hyper_tune(
         tuning_log = str(Path(output_file).with_suffix(".trials.jsonl"))
     log = None
     if tuning_log:
+        # What every trial is trained with: the settings given here and on the command line (which RecBole's Config
+        # reads in every trial, over config_dict), not run_hyper's own flags.
+        settings = {**fixed, **{key: value for key, value in config.cmd_config_dict.items()
+                                if key in every_setting_name()}}
         run = {"model": config["model"], "dataset": config["dataset"],
-               "fixed": json.loads(json.dumps(fixed, default=str)), "config_files": config_file_list,
+               "fixed": json.loads(json.dumps(settings, default=str)), "config_files": config_file_list,
                "space": Path(params_file).read_text(encoding="utf-8"), "algo": algo, "seed": seed}
         log = TuningLog(tuning_log, run)
 

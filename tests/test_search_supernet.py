@@ -351,6 +351,11 @@ def test_run_hyper_refuses_a_log_of_another_tuning_run(isolated_run, tiny_datase
     with pytest.raises(ValueError, match=r"grid\.trials\.jsonl: .*another tuning run.*fixed"):
         hyper_tune(str(params), model="DARec", dataset=TINY_DATASET, config_dict={**settings, "rec_dim": 16},
                    algo="exhaustive", tuning_log=str(log))
+    # A setting given on the command line (RecBole's Config reads it in every trial) counts as one of the run's.
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "--rec_dim=16", "--max_evals=3"])
+    with pytest.raises(ValueError, match=r"another tuning run.*fixed"):
+        hyper_tune(str(params), model="DARec", dataset=TINY_DATASET, config_dict=settings, algo="exhaustive",
+                   tuning_log=str(log))
 
 
 def test_exhaustive_hyper_tuning_works_with_hyperopt_03(tmp_path):
