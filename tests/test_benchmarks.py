@@ -243,3 +243,24 @@ def test_report_tests_every_row_against_each_reference_with_welch(monkeypatch):
     n_p, r_p = (float(cell.split("p = ")[1].strip(" |")) for cell in line.split(" | ")[2:4])
     assert n_p < 0.01 < r_p  # a clear gap is significant, a tiny one is not; TextSASRec is absent: no row
     assert "1.196x" in line
+
+
+def test_tuning_report_marks_the_trial_validation_selects(tmp_path):
+    from recbole_darec.files import append_json_line
+
+    def trial(valid: float, test: float, batch: int) -> dict:
+        result = {"best_valid_score": valid, "best_valid_result": {"ndcg@10": valid, "recall@10": 2 * valid},
+                  "test_result": {"ndcg@10": test, "recall@10": 2 * test}}
+        return {"key": str(batch), "params": {"train_batch_size": batch, "learning_rate": 0.001}, "result": result,
+                "seconds": 600}
+
+    log = tmp_path / "DARec.trials.jsonl"
+    append_json_line(log, {"run": {"model": "DARec"}})
+    append_json_line(log, trial(0.05, 0.07, 32))  # the best test, not the best validation
+    append_json_line(log, trial(0.06, 0.04, 64))
+    with open(log, "a") as f:
+        f.write('{"key": "128", "par')  # a trial cut off mid-write is left out
+    run_script("tuning_report.py", "--dir", str(tmp_path), cwd=tmp_path)
+    rows = [line for line in (tmp_path / "tuning.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 3  # the header and two trials
+    assert rows[2].startswith("| **2** | 0.001 | 64 | **0.0600** |") and "**" not in rows[1]
