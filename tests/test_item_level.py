@@ -224,12 +224,13 @@ def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text
 
     def loss_with_shift(shift: int) -> torch.Tensor:
         """Cross-entropy of the state after item k+1 (index k) against the item at index k + shift."""
-        users, targets = [], []
+        users, last_items, targets = [], [], []
         for row, length in enumerate((seq_len + 1).tolist()):
             for k in range(length - max(shift, 1)):
                 users.append(states[row, k])
+                last_items.append(full[row, k])
                 targets.append(full[row, k + shift])
-        logits = model.score(model.user_proj(torch.stack(users)), items)
+        logits = model.score(model.user_from(torch.stack(users), torch.stack(last_items)), items)
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, torch.stack(targets))
 
