@@ -4,8 +4,10 @@
 
 Settings: the profile's ``search`` variant (benchmarks/profiles/<profile>.yaml). One weight-sharing supernet is
 trained once and shared by both methods (same trial budget each); every candidate is scored by one validation pass
-on ``search_valid_users`` users. The best architecture of each method, all-serial and all-parallel are then
-evaluated on the full test set *with the supernet's weights* (one-shot evaluation, not retrained: the honest
+on ``search_valid_users`` users. ``--search_seeds``: each method searches once per seed (its random trials and
+BO's proposals differ; the supernet is the same), and the report gives each method's mean best validation score
+with a Welch test between them. The best architecture of each method and seed, all-serial and all-parallel are
+then evaluated on the full test set *with the supernet's weights* (one-shot evaluation, not retrained: the honest
 comparison of placements at a CPU budget). Writes search.md, search.json and the per-trial plot to ``--out``.
 Interrupted runs resume: trial logs, the supernet checkpoint and finished test evaluations are kept.
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,8 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--variant", default="search", help="the profile's variant holding the search settings")
     parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--search_seeds", default=None,
+                        help="comma-separated search seeds, one search per method and seed (default: search_seed)")
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--out", default=None, help="default benchmarks/results/<dataset>-<profile>-search")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -78,16 +83,22 @@ def main() -> None:
     summary.setdefault("supernet_seconds", time.perf_counter() - supernet_start)  # first run: the training
     n_layers = supernet.n_layers
 
+    search_seeds = ([int(seed) for seed in args.search_seeds.split(",")] if args.search_seeds
+                    else [config["search_seed"] if config["search_seed"] is not None else config["seed"]])
     for method in ("bo", "random"):
-        best, _ = search_architecture(config, method, train_data, valid_data, supernet)
-        trials = TrialLog(search_paths(config, method).trial_log).read()
-        summary[method] = {"best_arch": best, "n_trials": len(trials),
-                           "trial_seconds": sum(t.seconds for t in trials),
-                           "best_valid": max(t.value for t in trials),
-                           "valid_per_trial": [t.value for t in trials]}
+        summary[method] = {}
+        for search_seed in search_seeds:
+            config["search_seed"] = search_seed  # part of the trial log's key: one log per seed
+            best, _ = search_architecture(config, method, train_data, valid_data, supernet)
+            trials = TrialLog(search_paths(config, method).trial_log).read()
+            summary[method][str(search_seed)] = {"best_arch": best, "n_trials": len(trials),
+                                                 "trial_seconds": sum(t.seconds for t in trials),
+                                                 "best_valid": max(t.value for t in trials),
+                                                 "valid_per_trial": [t.value for t in trials]}
 
-    candidates = {"BO best": summary["bo"]["best_arch"], "random best": summary["random"]["best_arch"],
-                  "all serial": "s" * n_layers, "all parallel": "p" * n_layers}
+    candidates = {f"{method} best, seed {seed}": entry["best_arch"]
+                  for method in ("bo", "random") for seed, entry in summary[method].items()}
+    candidates |= {"all serial": "s" * n_layers, "all parallel": "p" * n_layers}
     tests = summary.setdefault("test", {})
     for arch in dict.fromkeys(candidates.values()):
         if arch in tests:
@@ -102,11 +113,20 @@ def main() -> None:
 
     lines = [f"Supernet: {n_layers} layers, trained {summary['supernet_seconds']:.0f} s. Trials scored on "
              f"{config['search_valid_users'] or 'all'} validation users ({config['valid_metric']}).", "",
-             "| method | trials | best architecture | best valid | search s |", "|---|---|---|---|---|"]
+             "| method | search seed | trials | best architecture | best valid | search s |",
+             "|---|---|---|---|---|---|"]
     for method in ("bo", "random"):
-        entry = summary[method]
-        lines.append(f"| {method} | {entry['n_trials']} | {describe_arch(entry['best_arch'])} | "
-                     f"{entry['best_valid']:.4f} | {entry['trial_seconds']:.0f} |")
+        for seed, entry in summary[method].items():
+            lines.append(f"| {method} | {seed} | {entry['n_trials']} | {describe_arch(entry['best_arch'])} | "
+                         f"{entry['best_valid']:.4f} | {entry['trial_seconds']:.0f} |")
+    best = {method: [entry["best_valid"] for entry in summary[method].values()] for method in ("bo", "random")}
+    if len(search_seeds) > 1:
+        from scipy.stats import ttest_ind
+
+        p_value = float(ttest_ind(best["bo"], best["random"], equal_var=False).pvalue)
+        lines += ["", "Best validation score over the search seeds: " + ", ".join(
+            f"{method} {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+            for method, values in best.items()) + f" (Welch p = {p_value:.3g})."]
     lines += ["", "Test, full ranking, supernet weights with the architecture fixed (one-shot, not retrained):", "",
               "| architecture | R@10 | N@10 | MRR@10 | R@50 | N@50 |", "|---|---|---|---|---|---|"]
     for label, arch in candidates.items():

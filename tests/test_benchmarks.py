@@ -143,18 +143,20 @@ def test_memory_paper_step_measures_one_step_of_the_paper_row_on_its_largest_bat
 def test_search_benchmark_compares_bo_random_and_fixed_placements(tmp_path, tiny_dataset):
     profile, out = write_profile(tmp_path), tmp_path / "out"
     run_script("search.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile),
-               "--out", str(out), cwd=tmp_path)
+               "--out", str(out), "--search_seeds", "1,2", cwd=tmp_path)
     summary = json.loads((out / "search.json").read_text())
-    assert summary["bo"]["n_trials"] == summary["random"]["n_trials"] == 3
-    tested = set(summary["test"])
-    assert {"ss", "pp", summary["bo"]["best_arch"], summary["random"]["best_arch"]} == tested
+    searches = [summary[method][seed] for method in ("bo", "random") for seed in ("1", "2")]
+    assert [search["n_trials"] for search in searches] == [3, 3, 3, 3]
+    # Each seed is its own search: the random method's first trials differ between seeds.
+    assert summary["random"]["1"]["valid_per_trial"] != summary["random"]["2"]["valid_per_trial"]
+    assert set(summary["test"]) == {"ss", "pp", *(search["best_arch"] for search in searches)}
     report = (out / "search.md").read_text()
-    assert "all serial (ss)" in report and "all parallel (pp)" in report
+    assert "all serial (ss)" in report and "all parallel (pp)" in report and "Welch p" in report
 
     # Run again: the finished test evaluations are reused, and it says so; written under another key (other
     # settings or code), they are not.
     args = ("search.py", "--dataset", TINY_DATASET, "--data_path", tiny_dataset[0], "--profile", str(profile),
-            "--out", str(out))
+            "--out", str(out), "--search_seeds", "1,2")
     assert "reusing its finished test evaluations" in run_script(*args, cwd=tmp_path).stdout
     (out / "search.json").write_text(json.dumps({**summary, "key": "0123456789ab"}))
     assert "its results are not reused" in run_script(*args, cwd=tmp_path).stdout
