@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,7 @@ class TuningLog:
     def key(params: dict[str, Any]) -> str:
         return json.dumps({name: _plain(value) for name, value in params.items()}, sort_keys=True)
 
-    def run_trial(self, params: dict[str, Any], train: Any) -> dict:
+    def run_trial(self, params: dict[str, Any], train: Callable[[str, str | None], dict]) -> dict:
         """The result of the trial ``params``: logged, or trained by ``train(checkpoint_dir, resume_file)``."""
         key = self.key(params)
         if key in self.finished:
