@@ -33,7 +33,7 @@ def model_table(model: str, log: Path) -> list[str]:
         mark = "**" if trial is best else ""
         lines.append(f"| {mark}{index}{mark} | {params} | {mark}{valid['ndcg@10']:.4f}{mark} "
                      f"| {valid['recall@10']:.4f} | {test['ndcg@10']:.4f} | {test['recall@10']:.4f} "
-                     f"| {trial['seconds'] / 60:.0f} |")
+                     f"| {trial['seconds'] / 60:.0f}{' (after a resume)' if trial.get('resumed_from') else ''} |")
     return [*lines, ""]
 
 
