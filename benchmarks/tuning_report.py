@@ -22,7 +22,8 @@ def model_table(model: str, log: Path) -> list[str]:
     if not trials:
         return [f"### {model}", "", "No finished trial yet.", ""]
     names = sorted(trials[0]["params"])
-    best = max(trials, key=lambda t: t["result"]["best_valid_score"])
+    # RecBole records per trial whether its validation metric grows better (NDCG) or smaller (a loss)
+    best = max(trials, key=lambda t: t["result"]["best_valid_score"] * (1 if t["result"]["valid_score_bigger"] else -1))
     lines = [f"### {model}", "", f"{len(trials)} finished trials; log: `{log.name}`.", "",
              "| trial | " + " | ".join(names) + " | valid N@10 | valid R@10 | test N@10 | test R@10 | minutes |",
              "|---" * (len(names) + 6) + "|"]

@@ -247,11 +247,13 @@ def test_report_tests_every_row_against_each_reference_with_welch(monkeypatch):
     assert "1.196x" in line
 
 
-def test_tuning_report_marks_the_trial_validation_selects(tmp_path):
+@pytest.mark.parametrize("bigger", [True, False])
+def test_tuning_report_marks_the_trial_validation_selects(tmp_path, bigger):
     from recbole_darec.files import append_json_line
 
     def trial(valid: float, test: float, batch: int) -> dict:
-        result = {"best_valid_score": valid, "best_valid_result": {"ndcg@10": valid, "recall@10": 2 * valid},
+        result = {"best_valid_score": valid, "valid_score_bigger": bigger,
+                  "best_valid_result": {"ndcg@10": valid, "recall@10": 2 * valid},
                   "test_result": {"ndcg@10": test, "recall@10": 2 * test}}
         return {"key": str(batch), "params": {"train_batch_size": batch, "learning_rate": 0.001}, "result": result,
                 "seconds": 600}
@@ -265,4 +267,6 @@ def test_tuning_report_marks_the_trial_validation_selects(tmp_path):
     run_script("tuning_report.py", "--dir", str(tmp_path), cwd=tmp_path)
     rows = [line for line in (tmp_path / "tuning.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 3  # the header and two trials
-    assert rows[2].startswith("| **2** | 0.001 | 64 | **0.0600** |") and "**" not in rows[1]
+    selected, other = (rows[2], rows[1]) if bigger else (rows[1], rows[2])  # a loss-like metric selects the smaller
+    assert selected.startswith("| **") and "**" not in other
+    assert ("| **2** | 0.001 | 64 | **0.0600** |" if bigger else "| **1** | 0.001 | 32 | **0.0500** |") in selected
