@@ -53,7 +53,7 @@ def row_config(profile: dict, variant: str, seed: int, data_path: str | None, ou
     settings["item_text_cache_dir"] = str(Path(cache_dir).resolve() if cache_dir
                                           else out_dir / "saved" / "item_text_cache")
     if data_path:
-        settings["data_path"] = data_path
+        settings["data_path"] = str(Path(data_path).resolve())  # as the cache: a relative one would miss there
     return model, settings
 
 

@@ -207,7 +207,7 @@ def test_shipped_profiles_name_real_models_and_settings():
             assert not unknown, f"{path.name}: variant {variant} sets {sorted(unknown)}; no yaml of {model} has them"
 
 
-def test_a_row_takes_the_item_text_cache_given_by_set_and_refuses_another_checkpoint_dir(tmp_path, monkeypatch):
+def test_a_row_takes_the_caller_paths_and_refuses_another_checkpoint_dir(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from common import row_config
 
@@ -217,8 +217,9 @@ def test_a_row_takes_the_item_text_cache_given_by_set_and_refuses_another_checkp
     assert settings["checkpoint_dir"] == str(tmp_path / "out" / "saved")
 
     monkeypatch.chdir(tmp_path)  # a relative path is the caller's, not the row folder's (rows run in out_dir)
-    _, settings = row_config(profile, "DARec", 2020, None, tmp_path / "out", {"item_text_cache_dir": "shared"})
+    _, settings = row_config(profile, "DARec", 2020, "data", tmp_path / "out", {"item_text_cache_dir": "shared"})
     assert settings["item_text_cache_dir"] == str(tmp_path / "shared")
+    assert settings["data_path"] == str(tmp_path / "data")
 
     with pytest.raises(SystemExit, match="checkpoint_dir.*--out"):
         row_config(profile, "DARec", 2020, None, tmp_path / "out", {"checkpoint_dir": "elsewhere"})
