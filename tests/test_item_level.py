@@ -327,6 +327,9 @@ def test_item_states_cached_on_disk_and_reused(tmp_path, text_data):
     _, causal, _, _, _ = build("DARec", text_data[1], {**settings, "context_masking": False})
     assert len(list(Path(settings["item_text_cache_dir"]).glob("item_states-*.pt"))) == 2  # another key
     assert not torch.equal(causal.item_text_states, first.item_text_states)
+    # Another batch size groups and pads items otherwise, which changes the states' last bits: another key too.
+    build("DARec", text_data[1], {**settings, "item_encode_batch_size": 3})
+    assert len(list(Path(settings["item_text_cache_dir"]).glob("item_states-*.pt"))) == 3
 
 
 def test_sequence_layers_must_leave_item_layers(tmp_path, text_data):

@@ -128,10 +128,12 @@ def cached_item_text_states(
     backbone: Backbone, token_ids: torch.Tensor, token_len: torch.Tensor, n_item_layers: int,
     context_masking: bool, cache_dir: str | None, batch_size: int = 64, bf16: bool = False, n_segments: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``encode_item_text`` with an on-disk cache keyed by the backbone, the split, the mask, the segments and the
-    token ids."""
+    """``encode_item_text`` with an on-disk cache keyed by the backbone, the split, the mask, the segments, the batch
+    size and the token ids."""
     digest = hashlib.sha256()
-    parts = [backbone.name, str(n_item_layers), str(context_masking), str(bf16)]
+    # The batch size is part of the key: it changes how items are padded and grouped, and so the states in their
+    # last bits, which training amplifies; a cache written at another batch size would give other numbers.
+    parts = [backbone.name, str(n_item_layers), str(context_masking), str(bf16), f"batch={batch_size}"]
     if n_segments > 1:  # one segment: the files written before segments existed
         parts.append(f"segments={n_segments}")
     for part in parts:
