@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from darec_testing import BACKBONES, TINY_LLM, build, darec_settings, trainer_for, write_text_dataset
+from recbole.data.interaction import Interaction
 
 from recbole_darec.model import darec as darec_module
 from recbole_darec.model.attention import CPU_PRODUCT_ATTENTION_BELOW
@@ -207,12 +208,20 @@ def test_pack_rows_places_every_token_once_and_unpacks_it_back():
     assert torch.equal(unpacked[valid], history[valid])
 
 
-def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text_data):
+@pytest.mark.parametrize(("last_item_skip", "history_text_skip"), [(True, False), (True, True), (False, True)],
+                         ids=["last-item", "last-item+history", "history"])
+def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text_data, last_item_skip,
+                                                                   history_text_skip):
+    """The user after item k (with the text of item k and the mean text of items 1..k: nothing later) is scored
+    against item k+1."""
     config, model, train_data, _, _ = build("DARec", text_data[1], item_settings(
-        tmp_path, text_data[0], lambda_align=0.0, lambda_hard=0.0))
+        tmp_path, text_data[0], lambda_align=0.0, lambda_hard=0.0, last_item_skip=last_item_skip,
+        history_text_skip=history_text_skip))
     model.eval()  # no dropout: the loss is a deterministic function of the batch
     with torch.no_grad():
         model.id_to_hidden.weight.normal_(std=0.1)  # the ID path must matter too
+        if history_text_skip:
+            model.history_skip_weight.fill_(0.7)  # not 1, so a mean with the wrong weight fails
     interaction = next(iter(train_data))
     (loss,) = model.calculate_loss(interaction)
 
@@ -224,19 +233,41 @@ def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text
 
     def loss_with_shift(shift: int) -> torch.Tensor:
         """Cross-entropy of the state after item k+1 (index k) against the item at index k + shift."""
-        users, last_items, targets = [], [], []
+        users, skips, targets = [], [], []
         for row, length in enumerate((seq_len + 1).tolist()):
             for k in range(length - max(shift, 1)):
                 users.append(states[row, k])
-                last_items.append(full[row, k])
+                history = full[row, : k + 1]
+                skip = model.item_text_features[history[-1]] if last_item_skip else 0.0
+                if history_text_skip:
+                    skip = skip + model.history_skip_weight * model.item_text_features[history].mean(0)
+                skips.append(skip)
                 targets.append(full[row, k + shift])
-        logits = model.score(model.user_from(torch.stack(users), torch.stack(last_items)), items)
+        logits = model.score(model.user_from(torch.stack(users), torch.stack(skips)), items)
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, torch.stack(targets))
 
     torch.testing.assert_close(loss, loss_with_shift(1), rtol=1e-4, atol=1e-5)
     for shift in (0, 2):  # scored against item k itself, or against item k+2: a different loss
         assert abs(float(loss) - float(loss_with_shift(shift))) > 1e-3
+
+
+def test_history_text_skip_reads_the_histories_items_only(tmp_path, text_data):
+    """The evaluation user adds the mean text of exactly its history's items (padding left out), as in training."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], history_text_skip=True))
+    model.eval()
+    with torch.no_grad():
+        model.history_skip_weight.fill_(0.7)
+    seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0]])
+    seq_len = torch.tensor([5, 3])
+    with torch.no_grad():
+        users = model.user_vectors(Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len}))
+        states = model.encode_histories(seq, seq_len)[torch.arange(2), seq_len - 1]
+        features = model.item_text_features
+        for row, length in enumerate(seq_len.tolist()):
+            history = seq[row, :length]
+            skip = features[history[-1]] + 0.7 * features[history].mean(0)
+            torch.testing.assert_close(users[row], model.user_from(states[row: row + 1], skip[None])[0])
 
 
 @pytest.mark.parametrize("llm_bf16", [False, True], ids=["fp32", "bf16"])

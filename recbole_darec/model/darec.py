@@ -43,6 +43,7 @@ class DARec(DARecCore):
                              f"(the backbone keeps {n_layers} layers: llm_layers).")
         self.item_positions = int(config["item_positions"] or 1)
         self.last_item_skip = bool(config["last_item_skip"])
+        self.history_text_skip = bool(config["history_text_skip"])
         self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
@@ -64,6 +65,8 @@ class DARec(DARecCore):
         # model reads exactly the backbone's own item states.
         self.id_to_hidden = nn.Linear(rec_dim, hidden_size, bias=False)
         nn.init.zeros_(self.id_to_hidden.weight)
+        if self.history_text_skip:
+            self.history_skip_weight = nn.Parameter(torch.ones(()))
         self.dropout = nn.Dropout(float(config["dropout_prob"] or 0.0))
 
     def encode_histories(self, seq_items: torch.Tensor, seq_len: torch.Tensor, user_ids: torch.Tensor | None = None,
@@ -125,7 +128,9 @@ class DARec(DARecCore):
         with gradient everywhere: no stale cache and no in-batch negatives drawn in proportion to popularity."""
         states = self.encode_histories(full_seq, full_len, users)  # (B, L+1, H)
         has_next, next_items = self.next_positions(full_seq, full_len)
-        user_vecs = self.user_from(self.dropout(states[:, :-1][has_next]), full_seq[:, :-1][has_next])  # (P, D)
+        skip = self.text_skip(full_seq[:, :-1])  # (B, L, W) or None
+        user_vecs = self.user_from(self.dropout(states[:, :-1][has_next]),
+                                   None if skip is None else skip[has_next])  # (P, D)
         item_vecs = self.item_vectors()  # (n_items, D)
         logits = self.score(user_vecs, item_vecs)
         logits[:, ~self.training_candidates()] = float("-inf")  # padding too
@@ -138,18 +143,33 @@ class DARec(DARecCore):
         item_len = interaction[self.ITEM_SEQ_LEN]
         item_seq = interaction[self.ITEM_SEQ][:, : int(item_len.max())]  # no slots that every row leaves empty
         users = interaction[self.USER_ID] if self.USER_ID in interaction else None
-        last_items = item_seq[torch.arange(len(item_len)), item_len - 1]  # (B,)
-        return self.user_from(self.encode_histories(item_seq, item_len, users, last_only=True), last_items)
+        skip = self.text_skip(item_seq)
+        if skip is not None:
+            skip = skip[torch.arange(len(item_len)), item_len - 1]  # (B, W)
+        return self.user_from(self.encode_histories(item_seq, item_len, users, last_only=True), skip)
 
-    def user_from(self, states: torch.Tensor, last_items: torch.Tensor) -> torch.Tensor:
-        """User vectors (P, D) from the states (P, H) after ``last_items`` (P,); ``last_item_skip`` adds the text
-        part of that item's candidate vector: the user starts at the item just read, so items of similar text
-        (new ones too) score high from the start, as SASRec's input and output item vectors, one and the same,
-        give it."""
+    def text_skip(self, seq: torch.Tensor) -> torch.Tensor | None:
+        """(B, L, W): the item text features that the user after each position of ``seq`` (B, L) adds, or None.
+
+        ``last_item_skip``: the text of the item just read, so items of similar text (new ones too) score high from
+        the start, as SASRec's input and output item vectors, one and the same, give it. ``history_text_skip``:
+        also the mean text of the history so far (what a plain text-similarity ranking scores by), weighted by a
+        learned scalar. Both read positions up to their own only."""
+        if not (self.last_item_skip or self.history_text_skip):
+            return None
+        features = self.item_text_features[seq]  # (B, L, W)
+        skip = features if self.last_item_skip else torch.zeros_like(features)
+        if self.history_text_skip:
+            valid = (seq > 0).unsqueeze(-1).to(features.dtype)  # (B, L, 1)
+            history_mean = (features * valid).cumsum(1) / valid.cumsum(1).clamp(min=1)  # items 1..k, for every k
+            skip = skip + self.history_skip_weight * history_mean
+        return skip
+
+    def user_from(self, states: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        """User vectors (P, D) from the states (P, H) after an item, plus the projected text ``skip`` (P, W) of
+        ``text_skip``: the same map as the candidates' text part, so the two meet in one space."""
         users = self.user_proj(states)
-        if self.last_item_skip:
-            users = users + self.item_proj(self.item_text_features[last_items])
-        return users
+        return users if skip is None else users + self.item_proj(skip)
 
     def encode_candidates(self) -> torch.Tensor:
         return self.item_vectors()
