@@ -59,13 +59,18 @@ def reusable(result_file: Path, same_config: bool, code: str, keep_stale: bool, 
     return False
 
 
-def interrupted_run(out_dir: Path, model: str, settings: dict, started_file: Path, code: str) -> Path | None:
+def interrupted_run(out_dir: Path, model: str, settings: dict, started_file: Path, code: str,
+                    keep_stale: bool) -> tuple[Path, str] | None:
     """The resume checkpoint (``saved/<Model>-<time>-last.pth``) of an earlier start of this row that did not
-    finish: one written after that start, by the same code, with this row's settings in its config."""
+    finish, and the code version of that start: a checkpoint written after it, with this row's settings in its
+    config, by the same code (or other code, with ``keep_stale``: the row then counts as made by that code)."""
     if not started_file.exists():
         return None
     started = json.loads(started_file.read_text())
-    if started.get("code_version") != code or started.get("settings") != settings:
+    if started.get("settings") != settings:
+        return None
+    started_code = started.get("code_version")
+    if started_code != code and not keep_stale:
         return None
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.compat import load_trusted_checkpoint
@@ -75,7 +80,7 @@ def interrupted_run(out_dir: Path, model: str, settings: dict, started_file: Pat
         config = load_trusted_checkpoint(str(path), map_location="cpu").get("config")
         if config is not None and all(str(config[key]) == str(value) for key, value in settings.items()
                                       if key not in ROW_PATHS):
-            return path
+            return path, started_code
     return None
 
 
@@ -198,7 +203,8 @@ def main() -> None:
     parser.add_argument("--steps_only", action="store_true",
                         help="with --speed_only: the step ratio alone, no evaluation (the paper profile on a CPU)")
     parser.add_argument("--keep_stale_rows", action="store_true",
-                        help="keep finished rows made by another code version (they are listed in the report)")
+                        help="keep finished rows made by another code version, and resume cut-off rows started by it "
+                        "(both are listed in the report)")
     parser.add_argument("--report_only", action="store_true",
                         help="write the report from the finished rows; train nothing (rows still running are left out)")
     parser.add_argument("--reference", default="SASRec,TextSASRec",
@@ -239,12 +245,19 @@ def main() -> None:
                     print(f"== {variant} (seed {seed}): no finished row, left out (--report_only)", flush=True)
                     continue
                 config_file.write_text(json.dumps(settings, indent=1))
+                made_by = code  # the code version the row records
                 started_file = Path(f"{stem}.started.json")
                 # A finished row that is rerun (other code, other settings) starts afresh; only one cut off resumes.
-                resume = None if result_file.exists() else interrupted_run(out_dir, model, settings, started_file, code)
+                resume = None if result_file.exists() else interrupted_run(out_dir, model, settings, started_file, code,
+                                                                           args.keep_stale_rows)
                 if resume:
                     # An earlier start of this row was cut off: go on from its last finished epoch.
+                    resume, started_code = resume
                     print(f"== {variant} (seed {seed}): resuming from {resume.name}", flush=True)
+                    if started_code != code:
+                        print(f"== {variant} (seed {seed}): it was started by other code ({started_code}, now {code}),"
+                              " resumed as --keep_stale_rows allows; the row counts as made by that code", flush=True)
+                        made_by = started_code
                     settings_file = Path(f"{stem}.resume.json")
                     settings_file.write_text(json.dumps({**settings, "resume": str(resume)}, indent=1))
                 else:
@@ -262,7 +275,7 @@ def main() -> None:
                 result = json.loads(result_file.read_text())
                 if resume:  # its train time counts only the epochs after the resume
                     result["resumed_from"] = resume.name
-                result_file.write_text(json.dumps({**result, "code_version": code, "commit": commit},
+                result_file.write_text(json.dumps({**result, "code_version": made_by, "commit": commit},
                                                   default=float, indent=1))
             row = json.loads(result_file.read_text())
             rows.append({"variant": variant, "seed": seed, "config": settings, **row})

@@ -188,6 +188,18 @@ def test_an_interrupted_row_resumes_from_its_last_epoch(tmp_path, tiny_dataset):
     assert "resuming" not in done.stdout and "== SASRec (seed 2020) ..." in done.stdout
     assert "resumed_from" not in json.loads(row_file.read_text())
 
+    # With --keep_stale_rows it resumes, and the row counts as made by the code that started it.
+    (last,) = [path for path in (out / "saved").glob("SASRec-*-last.pth") if path.stat().st_mtime >= json.loads(
+        started_file.read_text())["at"]]
+    row_file.unlink()
+    started_file.write_text(json.dumps({**json.loads(started_file.read_text()), "code_version": "0123456789ab"}))
+    done = run_script("run.py", *common, "--keep_stale_rows", cwd=tmp_path)
+    assert f"resuming from {last.name}" in done.stdout and "started by other code (0123456789ab" in done.stdout
+    resumed = json.loads(row_file.read_text())
+    assert resumed["resumed_from"] == last.name and resumed["code_version"] == "0123456789ab"
+    assert "Rows kept from other code (--keep_stale_rows): SASRec seed 2020 (code 0123456789ab" in \
+        (out / "results.md").read_text()
+
 
 def test_shipped_profiles_name_real_models_and_settings():
     """Every variant of every shipped profile names a model the harness finds, and only settings the Config of a run
