@@ -270,6 +270,15 @@ def test_history_text_skip_reads_the_histories_items_only(tmp_path, text_data):
             torch.testing.assert_close(users[row], model.user_from(states[row: row + 1], skip[None])[0])
 
 
+@pytest.mark.parametrize("weight", [None, 0.5], ids=["learned", "fixed"])
+def test_history_skip_weight_is_learned_or_fixed(tmp_path, text_data, weight):
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], history_text_skip=True,
+                                                                   history_skip_weight=weight))
+    learned = "history_skip_weight" in dict(model.named_parameters())
+    assert learned == (weight is None)
+    assert float(model.history_skip_weight) == (1.0 if weight is None else weight)
+
+
 @pytest.mark.parametrize("llm_bf16", [False, True], ids=["fp32", "bf16"])
 def test_learns_a_planted_next_item_pattern(tmp_path, text_data, llm_bf16):
     """Users walk forward through the catalogue (item i is followed by i+1): a few seconds of training must rank

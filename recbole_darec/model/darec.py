@@ -66,7 +66,11 @@ class DARec(DARecCore):
         self.id_to_hidden = nn.Linear(rec_dim, hidden_size, bias=False)
         nn.init.zeros_(self.id_to_hidden.weight)
         if self.history_text_skip:
-            self.history_skip_weight = nn.Parameter(torch.ones(()))
+            weight = config["history_skip_weight"]
+            if weight is None:  # learned, from an equal share with the last item
+                self.history_skip_weight = nn.Parameter(torch.ones(()))
+            else:
+                self.register_buffer("history_skip_weight", torch.tensor(float(weight)))
         self.dropout = nn.Dropout(float(config["dropout_prob"] or 0.0))
 
     def encode_histories(self, seq_items: torch.Tensor, seq_len: torch.Tensor, user_ids: torch.Tensor | None = None,
@@ -153,8 +157,8 @@ class DARec(DARecCore):
 
         ``last_item_skip``: the text of the item just read, so items of similar text (new ones too) score high from
         the start, as SASRec's input and output item vectors, one and the same, give it. ``history_text_skip``:
-        also the mean text of the history so far (what a plain text-similarity ranking scores by), weighted by a
-        learned scalar. Both read positions up to their own only."""
+        also the mean text of the history so far (what a plain text-similarity ranking scores by), weighted by
+        ``history_skip_weight`` (~: learned). Both read positions up to their own only."""
         if not (self.last_item_skip or self.history_text_skip):
             return None
         features = self.item_text_features[seq]  # (B, L, W)
