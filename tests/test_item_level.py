@@ -208,15 +208,16 @@ def test_pack_rows_places_every_token_once_and_unpacks_it_back():
     assert torch.equal(unpacked[valid], history[valid])
 
 
-@pytest.mark.parametrize(("last_item_skip", "history_text_skip"), [(True, False), (True, True), (False, True)],
-                         ids=["last-item", "last-item+history", "history"])
+@pytest.mark.parametrize(("last_item_skip", "history_text_skip", "text_prior_weight"),
+                         [(True, False, 0.0), (True, True, 0.0), (False, True, 0.0), (True, False, 0.6)],
+                         ids=["last-item", "last-item+history", "history", "last-item+text-prior"])
 def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text_data, last_item_skip,
-                                                                   history_text_skip):
+                                                                   history_text_skip, text_prior_weight):
     """The user after item k (with the text of item k and the mean text of items 1..k: nothing later) is scored
-    against item k+1."""
+    against item k+1; the text prior adds the cosine of items 1..k's mean text with each candidate's text."""
     config, model, train_data, _, _ = build("DARec", text_data[1], item_settings(
         tmp_path, text_data[0], lambda_align=0.0, lambda_hard=0.0, last_item_skip=last_item_skip,
-        history_text_skip=history_text_skip))
+        history_text_skip=history_text_skip, text_prior_weight=text_prior_weight))
     model.eval()  # no dropout: the loss is a deterministic function of the batch
     with torch.no_grad():
         model.id_to_hidden.weight.normal_(std=0.1)  # the ID path must matter too
@@ -233,17 +234,20 @@ def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text
 
     def loss_with_shift(shift: int) -> torch.Tensor:
         """Cross-entropy of the state after item k+1 (index k) against the item at index k + shift."""
-        users, skips, targets = [], [], []
+        users, skips, priors, targets = [], [], [], []
         for row, length in enumerate((seq_len + 1).tolist()):
             for k in range(length - max(shift, 1)):
                 users.append(states[row, k])
                 history = full[row, : k + 1]
                 skip = model.item_text_features[history[-1]] if last_item_skip else 0.0
+                history_text = model.item_text_features[history].mean(0)
                 if history_text_skip:
-                    skip = skip + model.history_skip_weight * model.item_text_features[history].mean(0)
+                    skip = skip + model.history_skip_weight * history_text
                 skips.append(skip)
+                priors.append(F.cosine_similarity(history_text[None], model.item_text_features, dim=-1))
                 targets.append(full[row, k + shift])
         logits = model.score(model.user_from(torch.stack(users), torch.stack(skips)), items)
+        logits = logits + text_prior_weight / model.temperature * torch.stack(priors)
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, torch.stack(targets))
 
@@ -268,6 +272,28 @@ def test_history_text_skip_reads_the_histories_items_only(tmp_path, text_data):
             history = seq[row, :length]
             skip = features[history[-1]] + 0.7 * features[history].mean(0)
             torch.testing.assert_close(users[row], model.user_from(states[row: row + 1], skip[None])[0])
+
+
+def test_text_prior_adds_the_text_similarity_ranking_at_evaluation(tmp_path, text_data):
+    """full_sort_predict and predict add weight / temperature times the cosine of the history's mean text (its own
+    items only, padding left out) with each item's text to the scores of the same model without the prior."""
+    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], text_prior_weight=0.6))
+    model.eval()
+    seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0]])
+    seq_len = torch.tensor([5, 3])
+    candidates = torch.tensor([8, 33])
+    interaction = Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: seq_len, model.ITEM_ID: candidates})
+    with torch.no_grad():
+        with_prior = model.full_sort_predict(interaction)
+        one_each = model.predict(interaction)
+        model.text_prior_weight = 0.0
+        without = model.full_sort_predict(interaction)
+    features = model.item_text_features
+    for row, length in enumerate(seq_len.tolist()):
+        history_text = features[seq[row, :length]].mean(0)
+        prior = 0.6 / model.temperature * F.cosine_similarity(history_text[None], features, dim=-1)
+        torch.testing.assert_close(with_prior[row], without[row] + prior, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(one_each[row], with_prior[row, candidates[row]], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("weight", [None, 0.5], ids=["learned", "fixed"])

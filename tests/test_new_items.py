@@ -95,8 +95,10 @@ NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
 
 @pytest.mark.parametrize("extra", [{}, NEW_ITEM_TRAINING, {**NEW_ITEM_TRAINING, "id_residual": True},
                                    {**NEW_ITEM_TRAINING, "last_item_skip": True},
-                                   {**NEW_ITEM_TRAINING, "last_item_skip": True, "history_text_skip": True}],
-                         ids=["default", "new-item-training", "id-residual", "last-item-skip", "history-text-skip"])
+                                   {**NEW_ITEM_TRAINING, "last_item_skip": True, "history_text_skip": True},
+                                   {**NEW_ITEM_TRAINING, "last_item_skip": True, "text_prior_weight": 0.5}],
+                         ids=["default", "new-item-training", "id-residual", "last-item-skip", "history-text-skip",
+                              "text-prior"])
 def test_cold_targets_found_through_their_text(tmp_path, extra):
     """Trained on the walks, the model ranks each user's cold target (the next item's text twin, never in training)
     far above chance (Recall@10 of a random ranking of 40 items: 0.25)."""

@@ -44,6 +44,7 @@ class DARec(DARecCore):
         self.item_positions = int(config["item_positions"] or 1)
         self.last_item_skip = bool(config["last_item_skip"])
         self.history_text_skip = bool(config["history_text_skip"])
+        self.text_prior_weight = float(config["text_prior_weight"] or 0.0)
         self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
@@ -137,6 +138,8 @@ class DARec(DARecCore):
                                    None if skip is None else skip[has_next])  # (P, D)
         item_vecs = self.item_vectors()  # (n_items, D)
         logits = self.score(user_vecs, item_vecs)
+        if self.text_prior_weight:
+            logits = logits + self.text_prior(full_seq[:, :-1])[has_next] @ self.unit_item_text().T
         logits[:, ~self.training_candidates()] = float("-inf")  # padding too
         batch_items = torch.unique(next_items)
         return NextItemTerms(F.cross_entropy(logits, next_items), user_vecs, next_items, item_vecs,
@@ -168,6 +171,41 @@ class DARec(DARecCore):
             history_mean = (features * valid).cumsum(1) / valid.cumsum(1).clamp(min=1)  # items 1..k, for every k
             skip = skip + self.history_skip_weight * history_mean
         return skip
+
+    def text_prior(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, L, W): ``text_prior_weight`` / temperature times the unit mean text of the history up to each
+        position of ``seq`` (B, L). Its product with an item's unit text is a fixed logit term beside the model's:
+        the untrained text-similarity ranking, which no training on the seen items can bend towards them, so an item
+        that no training interaction holds keeps the score its text earns."""
+        valid = (seq > 0).unsqueeze(-1).to(self.item_text_features.dtype)  # (B, L, 1)
+        history_sum = (self.item_text_features[seq] * valid).cumsum(1)  # items 1..k, for every k
+        return F.normalize(history_sum, dim=-1) * (self.text_prior_weight / self.temperature)
+
+    def unit_item_text(self) -> torch.Tensor:
+        """(n_items, W): every item's whitened text features at unit length."""
+        return F.normalize(self.item_text_features, dim=-1)
+
+    def prior_scores(self, interaction, item_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The text prior's logits of each history's user after its last item: (B, n_items), or (B,) against
+        ``item_ids`` (B,); None when ``text_prior_weight`` is 0."""
+        if not self.text_prior_weight:
+            return None
+        item_len = interaction[self.ITEM_SEQ_LEN]
+        prior = self.text_prior(interaction[self.ITEM_SEQ][:, : int(item_len.max())])
+        prior = prior[torch.arange(len(item_len)), item_len - 1]  # (B, W)
+        if item_ids is None:
+            return prior @ self.unit_item_text().T
+        return (prior * self.unit_item_text()[item_ids]).sum(-1)
+
+    def predict(self, interaction):
+        scores = super().predict(interaction)
+        prior = self.prior_scores(interaction, interaction[self.ITEM_ID])
+        return scores if prior is None else scores + prior
+
+    def full_sort_predict(self, interaction):
+        scores = super().full_sort_predict(interaction)
+        prior = self.prior_scores(interaction)
+        return scores if prior is None else scores + prior
 
     def user_from(self, states: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """User vectors (P, D) from the states (P, H) after an item, plus the projected text ``skip`` (P, W) of
