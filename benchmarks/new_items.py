@@ -158,6 +158,72 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
     return results
 
 
+def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float]) -> list[dict]:
+    """Each finished row of a model with a text prior (DARec), its best checkpoint scored with ``text_prior_weight``
+    set to each of ``weights`` at evaluation only: the untrained text-similarity ranking added to a trained model's
+    scores, its weight to be chosen on validation. Valid and test metrics, each split as ``evaluate`` splits them;
+    kept beside the row (``rows/<row>.prior_sweep.json``) like its other figures."""
+    import recbole_darec  # noqa: F401  (compat first)
+    from recbole_darec.data import load_data
+    from recbole_darec.recommend import Recommender
+
+    sweeps = []
+    for row_file in sorted((out_dir / "rows").glob("*-seed*.json")):
+        scored_file = row_file.with_suffix(".new_items.json")
+        if not scored_file.exists():
+            continue  # not a finished, scored row
+        variant, seed = row_file.stem.rsplit("-seed", 1)
+        row = json.loads(row_file.read_text())
+        sweep_file = row_file.with_suffix(".prior_sweep.json")
+        recbole_test = json.loads(scored_file.read_text())["recbole_test"]
+        if sweep_file.exists():
+            entry = json.loads(sweep_file.read_text())
+            if entry["recbole_test"] == recbole_test and [p["weight"] for p in entry["points"]] == weights:
+                sweeps.append(entry)
+                continue
+        checkpoint = row.get("saved_model_file")
+        if not checkpoint or not Path(checkpoint).is_file():
+            continue
+        saved = Recommender(checkpoint)
+        model = saved.model
+        if not hasattr(model, "text_prior_weight"):
+            continue
+        _, _, valid_data, test_data = load_data(saved.config)
+        n_items = len(saved.id2token)
+        held_ids = torch.tensor([saved.token2id[item] for item in held_out if item in saved.token2id])
+        points = []
+        for weight in weights:
+            model.text_prior_weight = weight
+            score = lambda inter, m=model: m.full_sort_predict(inter.to(m.device))  # noqa: E731
+            points.append({"weight": weight,
+                           "valid": evaluate(f"{variant} w={weight} valid", int(seed), score, valid_data, n_items,
+                                             held_ids),
+                           "test": evaluate(f"{variant} w={weight} test", int(seed), score, test_data, n_items,
+                                            held_ids)})
+        entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test,
+                 "trained_weight": float(saved.config["text_prior_weight"] or 0.0), "points": points}
+        sweep_file.write_text(json.dumps(entry, indent=1))
+        sweeps.append(entry)
+    return sweeps
+
+
+def sweep_report(sweeps: list[dict]) -> str:
+    """One line per row and weight; the weight that validation (N@10 over all users) selects in bold."""
+    lines = ["Text prior added at evaluation (`text_prior_weight`), each row's best checkpoint; selection on valid "
+             "N@10 over all users.", "",
+             "| row | seed | weight | valid N@10 | held-out test: N@10 | R@10 | seen test: N@10 | R@10 | "
+             "all test users: N@10 | R@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in sweeps:
+        best = max(entry["points"], key=lambda point: point["valid"]["all"]["ndcg@10"])
+        for point in entry["points"]:
+            weight = f"**{point['weight']:g}**" if point is best else f"{point['weight']:g}"
+            cells = [f"{point['valid']['all']['ndcg@10']:.4f}"] + [
+                f"{point['test'][part][key]:.4f}" for part in ("held_out", "seen", "all")
+                for key in ("ndcg@10", "recall@10")]
+            lines.append(f"| {entry['variant']} | {entry['seed']} | {weight} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def in_profile_order(variants, order: list[str]) -> list[str]:
     """``variants`` once each, TextSim first, then as the profile lists them (others last)."""
     return sorted(set(variants), key=lambda v: -1 if v == "TextSim" else order.index(v) if v in order else len(order))
@@ -198,6 +264,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default benchmarks/results/<dataset>-new-items")
     parser.add_argument("--evaluate_only", action="store_true", help="score the finished rows; train nothing")
     parser.add_argument("--run_args", default="", help="more flags for run.py, e.g. '--set epochs=1'")
+    parser.add_argument("--prior_weights", default="",
+                        help="comma-separated text prior weights to score each DARec row's checkpoint with, at "
+                        "evaluation only (e.g. 0,0.1,0.2); the table goes to new_items.md")
     args = parser.parse_args()
 
     out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-new-items").resolve()
@@ -228,8 +297,12 @@ def main() -> None:
     header = (f"Dataset {args.dataset}, {len(held_out)} items ({args.fraction:.0%}, split seed {args.split_seed}) "
               "held out of training.\nCommand: python benchmarks/new_items.py "
               f"--dataset={args.dataset} --models={','.join(models)} --seeds={','.join(map(str, seeds))}"
-              + (f" --run_args='{args.run_args}'" if args.run_args else ""))
+              + (f" --run_args='{args.run_args}'" if args.run_args else "")
+              + (f" --prior_weights={args.prior_weights}" if args.prior_weights else ""))
     text = report(results, header, order)
+    if args.prior_weights:
+        weights = [float(w) for w in args.prior_weights.split(",")]
+        text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights))
     (out_dir / "new_items.md").write_text(text)
     (out_dir / "new_items.json").write_text(json.dumps(results, indent=1))
     print(text)

@@ -7,6 +7,7 @@ Tiny random backbone, one torch thread.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -210,3 +211,33 @@ def test_benchmark_ranks_match_recboles_evaluator(tmp_path, text_data, monkeypat
     ours = metrics(ranks)
     assert ours["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
     assert ours["recall@10"] == pytest.approx(expected["recall@10"], abs=1e-4)
+
+
+def test_prior_sweep_scores_a_checkpoint_with_the_text_prior_added(trained_item_level, tmp_path, monkeypatch):
+    """Weight 0 gives the checkpoint's own ranking (RecBole's test metrics), a positive weight adds the text
+    prior and changes it; the figures are kept beside the row and read back while the row is unchanged."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from new_items import prior_sweep, sweep_report
+
+    from recbole_darec.data import load_data
+
+    saved = Recommender(trained_item_level)
+    config, model = saved.config, saved.model
+    _, _, _, test_data = load_data(config)
+    expected = trainer_for(config, model).evaluate(test_data, load_best_model=False)
+    rows = tmp_path / "out" / "rows"
+    rows.mkdir(parents=True)
+    (rows / "DARec-seed7.json").write_text(json.dumps({"saved_model_file": trained_item_level}))
+    recbole_test = {"ndcg@10": expected["ndcg@10"], "recall@10": expected["recall@10"]}
+    (rows / "DARec-seed7.new_items.json").write_text(json.dumps({"recbole_test": recbole_test}))
+
+    (entry,) = prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0])
+    assert entry["trained_weight"] == 0.0 and [p["weight"] for p in entry["points"]] == [0.0, 2.0]
+    unchanged, with_prior = (point["test"]["all"] for point in entry["points"])
+    assert unchanged["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
+    assert with_prior["ndcg@10"] != pytest.approx(unchanged["ndcg@10"], abs=1e-4)
+    assert entry["points"][0]["test"]["held_out"]["users"] + entry["points"][0]["test"]["seen"]["users"] == \
+        unchanged["users"]
+    Path(trained_item_level).unlink()  # the kept figures serve without the checkpoint
+    assert prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0]) == [entry]
+    assert "| DARec | 7 |" in sweep_report([entry])
