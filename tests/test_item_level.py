@@ -217,7 +217,7 @@ def test_loss_scores_the_state_after_item_k_against_item_k_plus_1(tmp_path, text
     against item k+1; the text prior adds the cosine of items 1..k's mean text with each candidate's text."""
     config, model, train_data, _, _ = build("DARec", text_data[1], item_settings(
         tmp_path, text_data[0], lambda_align=0.0, lambda_hard=0.0, last_item_skip=last_item_skip,
-        history_text_skip=history_text_skip, text_prior_weight=text_prior_weight))
+        history_text_skip=history_text_skip, text_prior_weight=text_prior_weight, text_prior_in_training=True))
     model.eval()  # no dropout: the loss is a deterministic function of the batch
     with torch.no_grad():
         model.id_to_hidden.weight.normal_(std=0.1)  # the ID path must matter too
@@ -276,9 +276,22 @@ def test_history_text_skip_reads_the_histories_items_only(tmp_path, text_data):
 
 def test_text_prior_adds_the_text_similarity_ranking_at_evaluation(tmp_path, text_data):
     """full_sort_predict and predict add weight / temperature times the cosine of the history's mean text (its own
-    items only, padding left out) with each item's text to the scores of the same model without the prior."""
-    _, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], text_prior_weight=0.6))
+    items only, padding left out) with each item's text to the scores of the same model without the prior; the
+    training loss leaves it out unless text_prior_in_training."""
+    _, model, train_data, _, _ = build("DARec", text_data[1], item_settings(
+        tmp_path, text_data[0], text_prior_weight=0.6, lambda_align=0.0, lambda_hard=0.0))
     model.eval()
+    batch = next(iter(train_data))
+    with torch.no_grad():
+        (loss,) = model.calculate_loss(batch)
+        model.text_prior_in_training = True
+        (trained_with_prior,) = model.calculate_loss(batch)
+        model.text_prior_in_training = False
+        model.text_prior_weight = 0.0
+        (no_prior,) = model.calculate_loss(batch)
+        model.text_prior_weight = 0.6
+    assert float(loss) == pytest.approx(float(no_prior), abs=1e-6)
+    assert abs(float(trained_with_prior) - float(loss)) > 1e-3
     seq = torch.tensor([[3, 9, 14, 27, 40], [5, 6, 7, 0, 0]])
     seq_len = torch.tensor([5, 3])
     candidates = torch.tensor([8, 33])

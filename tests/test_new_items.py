@@ -97,7 +97,8 @@ NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
 @pytest.mark.parametrize("extra", [{}, NEW_ITEM_TRAINING, {**NEW_ITEM_TRAINING, "id_residual": True},
                                    {**NEW_ITEM_TRAINING, "last_item_skip": True},
                                    {**NEW_ITEM_TRAINING, "last_item_skip": True, "history_text_skip": True},
-                                   {**NEW_ITEM_TRAINING, "last_item_skip": True, "text_prior_weight": 0.5}],
+                                   {**NEW_ITEM_TRAINING, "last_item_skip": True, "text_prior_weight": 0.5,
+                                    "text_prior_in_training": True}],
                          ids=["default", "new-item-training", "id-residual", "last-item-skip", "history-text-skip",
                               "text-prior"])
 def test_cold_targets_found_through_their_text(tmp_path, extra):

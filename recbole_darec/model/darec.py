@@ -45,6 +45,7 @@ class DARec(DARecCore):
         self.last_item_skip = bool(config["last_item_skip"])
         self.history_text_skip = bool(config["history_text_skip"])
         self.text_prior_weight = float(config["text_prior_weight"] or 0.0)
+        self.text_prior_in_training = bool(config["text_prior_in_training"])
         self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
@@ -138,7 +139,7 @@ class DARec(DARecCore):
                                    None if skip is None else skip[has_next])  # (P, D)
         item_vecs = self.item_vectors()  # (n_items, D)
         logits = self.score(user_vecs, item_vecs)
-        if self.text_prior_weight:
+        if self.text_prior_weight and self.text_prior_in_training:
             logits = logits + self.text_prior(full_seq[:, :-1])[has_next] @ self.unit_item_text().T
         logits[:, ~self.training_candidates()] = float("-inf")  # padding too
         batch_items = torch.unique(next_items)
