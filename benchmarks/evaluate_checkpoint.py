@@ -2,6 +2,8 @@
 
     python benchmarks/evaluate_checkpoint.py --checkpoint=benchmarks/results/<...>/saved/DARec-<time>.pth
     python benchmarks/evaluate_checkpoint.py --checkpoint=... --set llm_bf16=False   (a setting replaced)
+    python benchmarks/evaluate_checkpoint.py --checkpoint=... --prior_weights=0,0.1,0.2   (DARec: the text prior
+        added at evaluation, each weight in turn, to choose it on validation)
 
 For a run that is still training (or was stopped), this scores its best checkpoint so far: a snapshot, not a
 converged row. Copy the file first if the run is still writing it.
@@ -27,6 +29,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="replace a setting of the checkpoint's config (yaml value), e.g. --set llm_bf16=False")
+    parser.add_argument("--prior_weights", default="",
+                        help="comma-separated text_prior_weight values (DARec), each scored on valid and test")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config must not read this command line
 
@@ -39,11 +43,24 @@ def main() -> None:
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, saved.model)
     result = {"checkpoint": args.checkpoint, "overrides": overrides, "llm_bf16": getattr(saved.model, "llm_bf16", None),
               "epoch": load_trusted_checkpoint(args.checkpoint, map_location="cpu").get("epoch")}
-    for name, data in (("valid", valid_data), ("test", test_data)):
-        start = time.perf_counter()
-        metrics = trainer.evaluate(data, load_best_model=False, show_progress=False)
-        result[name] = {key: round(float(value), 4) for key, value in metrics.items()}
-        result[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
+
+    def scored(into: dict) -> dict:
+        for name, data in (("valid", valid_data), ("test", test_data)):
+            start = time.perf_counter()
+            metrics = trainer.evaluate(data, load_best_model=False, show_progress=False)
+            into[name] = {key: round(float(value), 4) for key, value in metrics.items()}
+            into[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
+        return into
+
+    if not args.prior_weights:
+        scored(result)
+    else:
+        if not hasattr(saved.model, "text_prior_weight"):
+            raise SystemExit(f"--prior_weights: {config['model']} has no text prior (text_prior_weight is DARec's)")
+        result["by_prior_weight"] = []
+        for weight in (float(w) for w in args.prior_weights.split(",")):
+            saved.model.text_prior_weight = weight
+            result["by_prior_weight"].append(scored({"text_prior_weight": weight}))
     print(json.dumps(result, indent=1))
 
 
