@@ -34,6 +34,13 @@ PACKED_ROW_TOKENS = 128
 TOKEN_LAYOUT_KEYS = ("special_embeddings.weight", "state_mean", "state_std", "state_stats_ready")
 
 
+def running_mean(features: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """(B, L, W): at each position k of ``seq`` (B, L), the mean of ``features`` (B, L, W) over its items 1..k,
+    padding (id 0) left out."""
+    valid = (seq > 0).unsqueeze(-1).to(features.dtype)  # (B, L, 1)
+    return (features * valid).cumsum(1) / valid.cumsum(1).clamp(min=1)
+
+
 class DARec(DARecCore):
     def build_item_text(self, config, hidden_size: int, dataset) -> int:
         """Run the lower layers once per item and keep only the top ``sequence_layers``; returns the text dim."""
@@ -169,9 +176,7 @@ class DARec(DARecCore):
         features = self.item_text_features[seq]  # (B, L, W)
         skip = features if self.last_item_skip else torch.zeros_like(features)
         if self.history_text_skip:
-            valid = (seq > 0).unsqueeze(-1).to(features.dtype)  # (B, L, 1)
-            history_mean = (features * valid).cumsum(1) / valid.cumsum(1).clamp(min=1)  # items 1..k, for every k
-            skip = skip + self.history_skip_weight * history_mean
+            skip = skip + self.history_skip_weight * running_mean(features, seq)
         return skip
 
     def text_prior(self, seq: torch.Tensor) -> torch.Tensor:
@@ -179,9 +184,8 @@ class DARec(DARecCore):
         position of ``seq`` (B, L). Its product with an item's unit text is a fixed logit term beside the model's:
         the untrained text-similarity ranking, which no training on the seen items can bend towards them, so an item
         that no training interaction holds keeps the score its text earns."""
-        valid = (seq > 0).unsqueeze(-1).to(self.item_text_features.dtype)  # (B, L, 1)
-        history_sum = (self.item_text_features[seq] * valid).cumsum(1)  # items 1..k, for every k
-        return F.normalize(history_sum, dim=-1) * (self.text_prior_weight / self.temperature)
+        history_mean = running_mean(self.item_text_features[seq], seq)  # (B, L, W)
+        return F.normalize(history_mean, dim=-1) * (self.text_prior_weight / self.temperature)
 
     def unit_item_text(self) -> torch.Tensor:
         """(n_items, W): every item's whitened text features at unit length."""
