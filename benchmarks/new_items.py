@@ -112,10 +112,11 @@ def evaluate(name: str, seed: int | None, score, test_data, n_items: int, held_i
     return entry
 
 
-def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
+def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | None = None) -> list[dict]:
     """Every finished row's best checkpoint (and TextSim on the first text-reading row's data) on held-out and all
     targets. Each row's figures are kept beside it (``rows/<row>.new_items.json``, committed with the row), so a
-    clone without the checkpoints still reports it; a row trained again is scored again."""
+    clone without the checkpoints still reports it; a row trained again is scored again. With ``weights``, a row
+    loaded here is also swept (``prior_sweep``) while its checkpoint and data are in memory."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
@@ -140,7 +141,7 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
             print(f"!! {row_file.name}: no checkpoint ({checkpoint}) and no figures of this row, left out", flush=True)
             continue
         saved = Recommender(checkpoint)
-        _, _, _, test_data = load_data(saved.config)
+        _, _, valid_data, test_data = load_data(saved.config)
         n_items = len(saved.id2token)
         held_ids = torch.tensor([saved.token2id[item] for item in held_out if item in saved.token2id])
         model = saved.model
@@ -149,6 +150,8 @@ def evaluate_rows(out_dir: Path, held_out: list[str]) -> list[dict]:
         entry["recbole_test"] = recbole_test
         scored_file.write_text(json.dumps(entry, indent=1))
         results.append(entry)
+        if weights and hasattr(model, "text_prior_weight"):
+            sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, recbole_test)
         if not text_sim_file.exists() and hasattr(model, "item_text_features"):
             score = text_similarity_scores(model.item_text_features.float().cpu(), (model.ITEM_SEQ, model.ITEM_SEQ_LEN))
             text_sim_file.write_text(json.dumps(evaluate("TextSim", None, score, test_data, n_items, held_ids),
@@ -172,7 +175,6 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float]) -> lis
         scored_file = row_file.with_suffix(".new_items.json")
         if not scored_file.exists():
             continue  # not a finished, scored row
-        variant, seed = row_file.stem.rsplit("-seed", 1)
         row = json.loads(row_file.read_text())
         sweep_file = row_file.with_suffix(".prior_sweep.json")
         recbole_test = json.loads(scored_file.read_text())["recbole_test"]
@@ -185,26 +187,31 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float]) -> lis
         if not checkpoint or not Path(checkpoint).is_file():
             continue
         saved = Recommender(checkpoint)
-        model = saved.model
-        if not hasattr(model, "text_prior_weight"):
+        if not hasattr(saved.model, "text_prior_weight"):
             continue
         _, _, valid_data, test_data = load_data(saved.config)
-        n_items = len(saved.id2token)
         held_ids = torch.tensor([saved.token2id[item] for item in held_out if item in saved.token2id])
-        points = []
-        for weight in weights:
-            model.text_prior_weight = weight
-            score = lambda inter, m=model: m.full_sort_predict(inter.to(m.device))  # noqa: E731
-            points.append({"weight": weight,
-                           "valid": evaluate(f"{variant} w={weight} valid", int(seed), score, valid_data, n_items,
-                                             held_ids),
-                           "test": evaluate(f"{variant} w={weight} test", int(seed), score, test_data, n_items,
-                                            held_ids)})
-        entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test,
-                 "trained_weight": float(saved.config["text_prior_weight"] or 0.0), "points": points}
-        sweep_file.write_text(json.dumps(entry, indent=1))
-        sweeps.append(entry)
+        sweeps.append(sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, recbole_test))
     return sweeps
+
+
+def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tensor, weights: list[float],
+              recbole_test: dict) -> dict:
+    """One row's loaded checkpoint scored at each prior weight; written to ``rows/<row>.prior_sweep.json``."""
+    variant, seed = row_file.stem.rsplit("-seed", 1)
+    model, n_items, points = saved.model, len(saved.id2token), []
+    for weight in weights:
+        model.text_prior_weight = weight
+        score = lambda inter, m=model: m.full_sort_predict(inter.to(m.device))  # noqa: E731
+        points.append({"weight": weight,
+                       "valid": evaluate(f"{variant} w={weight} valid", int(seed), score, valid_data, n_items,
+                                         held_ids),
+                       "test": evaluate(f"{variant} w={weight} test", int(seed), score, test_data, n_items,
+                                        held_ids)})
+    entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test,
+             "trained_weight": float(saved.config["text_prior_weight"] or 0.0), "points": points}
+    row_file.with_suffix(".prior_sweep.json").write_text(json.dumps(entry, indent=1))
+    return entry
 
 
 def sweep_report(sweeps: list[dict]) -> str:
@@ -288,7 +295,8 @@ def main() -> None:
                    "--data_path", str(split_root), "--out", str(out_dir), *args.run_args.split()]
         subprocess.run(command, check=True)
 
-    results = evaluate_rows(out_dir, held_out)
+    weights = [float(w) for w in args.prior_weights.split(",")] if args.prior_weights else None
+    results = evaluate_rows(out_dir, held_out, weights)
     order = list(yaml.safe_load((ROOT / "benchmarks" / "profiles" / "new-items.yaml").read_text())["variants"])
     trained = [entry for entry in results if entry["seed"] is not None]
     models = in_profile_order((entry["variant"] for entry in trained), order)
@@ -300,8 +308,7 @@ def main() -> None:
               + (f" --run_args='{args.run_args}'" if args.run_args else "")
               + (f" --prior_weights={args.prior_weights}" if args.prior_weights else ""))
     text = report(results, header, order)
-    if args.prior_weights:
-        weights = [float(w) for w in args.prior_weights.split(",")]
+    if weights:
         text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights))
     (out_dir / "new_items.md").write_text(text)
     (out_dir / "new_items.json").write_text(json.dumps(results, indent=1))
