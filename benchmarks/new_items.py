@@ -112,11 +112,13 @@ def evaluate(name: str, seed: int | None, score, test_data, n_items: int, held_i
     return entry
 
 
-def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | None = None) -> list[dict]:
+def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | None = None,
+                  biases: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Every finished row's best checkpoint (and TextSim on the first text-reading row's data) on held-out and all
     targets. Each row's figures are kept beside it (``rows/<row>.new_items.json``, committed with the row), so a
     clone without the checkpoints still reports it; a row trained again is scored again. With ``weights``, a row
-    loaded here is also swept (``prior_sweep``) while its checkpoint and data are in memory."""
+    loaded here is also swept (``prior_sweep``, ``weights`` x ``biases``) while its checkpoint and data are in
+    memory."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
@@ -151,7 +153,7 @@ def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | Non
         scored_file.write_text(json.dumps(entry, indent=1))
         results.append(entry)
         if weights and hasattr(model, "text_prior_weight"):
-            sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, recbole_test)
+            sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, biases, recbole_test)
         if not text_sim_file.exists() and hasattr(model, "item_text_features"):
             score = text_similarity_scores(model.item_text_features.float().cpu(), (model.ITEM_SEQ, model.ITEM_SEQ_LEN))
             text_sim_file.write_text(json.dumps(evaluate("TextSim", None, score, test_data, n_items, held_ids),
@@ -161,11 +163,13 @@ def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | Non
     return results
 
 
-def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float]) -> list[dict]:
+def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float],
+                biases: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Each finished row of a model with a text prior (DARec), its best checkpoint scored with ``text_prior_weight``
-    set to each of ``weights`` at evaluation only: the untrained text-similarity ranking added to a trained model's
-    scores, its weight to be chosen on validation. Valid and test metrics, each split as ``evaluate`` splits them;
-    kept beside the row (``rows/<row>.prior_sweep.json``) like its other figures."""
+    set to each of ``weights`` and ``new_item_bias`` to each of ``biases``, at evaluation only: the untrained
+    text-similarity ranking added to a trained model's scores, and a lift for the items without a training
+    interaction, to be chosen on validation. Valid and test metrics, each split as ``evaluate`` splits them; kept
+    beside the row (``rows/<row>.prior_sweep.json``) like its other figures."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
@@ -180,7 +184,7 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float]) -> lis
         recbole_test = json.loads(scored_file.read_text())["recbole_test"]
         if sweep_file.exists():
             entry = json.loads(sweep_file.read_text())
-            if entry["recbole_test"] == recbole_test and [p["weight"] for p in entry["points"]] == weights:
+            if entry["recbole_test"] == recbole_test and sweep_grid(entry) == grid(weights, biases):
                 sweeps.append(entry)
                 continue
         checkpoint = row.get("saved_model_file")
@@ -191,23 +195,44 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float]) -> lis
             continue
         _, _, valid_data, test_data = load_data(saved.config)
         held_ids = torch.tensor([saved.token2id[item] for item in held_out if item in saved.token2id])
-        sweeps.append(sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, recbole_test))
+        sweeps.append(sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, biases, recbole_test))
     return sweeps
 
 
+def grid(weights: list[float], biases: tuple[float, ...]) -> list[tuple[float, float]]:
+    return [(weight, bias) for weight in weights for bias in biases]
+
+
+def sweep_grid(entry: dict) -> list[tuple[float, float]]:
+    """The (weight, bias) points of a kept sweep; one from before the bias was swept has bias 0."""
+    return [(point["weight"], point.get("bias", 0.0)) for point in entry["points"]]
+
+
 def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tensor, weights: list[float],
-              recbole_test: dict) -> dict:
-    """One row's loaded checkpoint scored at each prior weight; written to ``rows/<row>.prior_sweep.json``."""
+              biases: tuple[float, ...], recbole_test: dict) -> dict:
+    """One row's loaded checkpoint scored at each (prior weight, new-item bias); written to
+    ``rows/<row>.prior_sweep.json``. The model runs once per weight: the bias is a fixed vector added after."""
     variant, seed = row_file.stem.rsplit("-seed", 1)
     model, n_items, points = saved.model, len(saved.id2token), []
+    splits = {"valid": valid_data, "test": test_data}
     for weight in weights:
-        model.text_prior_weight = weight
-        score = lambda inter, m=model: m.full_sort_predict(inter.to(m.device))  # noqa: E731
-        points.append({"weight": weight,
-                       "valid": evaluate(f"{variant} w={weight} valid", int(seed), score, valid_data, n_items,
-                                         held_ids),
-                       "test": evaluate(f"{variant} w={weight} test", int(seed), score, test_data, n_items,
-                                        held_ids)})
+        model.text_prior_weight, model.new_item_bias = weight, 0.0
+        with torch.no_grad():  # RecBole's evaluation batches come in the same order on every pass
+            scores = {name: [model.full_sort_predict(inter.to(model.device)).cpu() for inter, *_ in data]
+                      for name, data in splits.items()}
+        for bias in biases:
+            model.new_item_bias = bias
+            lift = 0.0 if not bias else model.new_item_scores().cpu()
+            point = {"weight": weight, "bias": bias}
+            for name, data in splits.items():
+                batches = iter(scores[name])
+
+                def score(_, batches=batches, lift=lift) -> torch.Tensor:
+                    return next(batches) + lift
+
+                point[name] = evaluate(f"{variant} w={weight} b={bias} {name}", int(seed), score, data, n_items,
+                                       held_ids)
+            points.append(point)
     entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test,
              "trained_weight": float(saved.config["text_prior_weight"] or 0.0), "points": points}
     row_file.with_suffix(".prior_sweep.json").write_text(json.dumps(entry, indent=1))
@@ -215,11 +240,11 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
 
 
 def sweep_report(sweeps: list[dict]) -> str:
-    """One line per row and weight; the weight that validation (N@10 over all users) selects in bold."""
-    lines = ["Text prior added at evaluation (`text_prior_weight`), each row's best checkpoint; selection on valid "
-             "N@10 over all users.", "",
-             "| row | seed | weight | valid N@10 | held-out test: N@10 | R@10 | seen test: N@10 | R@10 | "
-             "all test users: N@10 | R@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per row and point; the point that validation (N@10 over all users) selects in bold."""
+    lines = ["Text prior (`text_prior_weight`) and new-item bias (`new_item_bias`) added at evaluation, each row's "
+             "best checkpoint; selection on valid N@10 over all users.", "",
+             "| row | seed | weight | new-item bias | valid N@10 | held-out test: N@10 | R@10 | seen test: N@10 | "
+             "R@10 | all test users: N@10 | R@10 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in sweeps:
         best = max(entry["points"], key=lambda point: point["valid"]["all"]["ndcg@10"])
         for point in entry["points"]:
@@ -227,7 +252,8 @@ def sweep_report(sweeps: list[dict]) -> str:
             cells = [f"{point['valid']['all']['ndcg@10']:.4f}"] + [
                 f"{point['test'][part][key]:.4f}" for part in ("held_out", "seen", "all")
                 for key in ("ndcg@10", "recall@10")]
-            lines.append(f"| {entry['variant']} | {entry['seed']} | {weight} | " + " | ".join(cells) + " |")
+            bias = f"{point.get('bias', 0.0):g}"
+            lines.append(f"| {entry['variant']} | {entry['seed']} | {weight} | {bias} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,6 +300,8 @@ def main() -> None:
     parser.add_argument("--prior_weights", default="",
                         help="comma-separated text prior weights to score each DARec row's checkpoint with, at "
                         "evaluation only (e.g. 0,0.1,0.2); the table goes to new_items.md")
+    parser.add_argument("--new_item_biases", default="0",
+                        help="with --prior_weights: comma-separated new_item_bias values, each with every weight")
     args = parser.parse_args()
 
     out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-new-items").resolve()
@@ -296,7 +324,8 @@ def main() -> None:
         subprocess.run(command, check=True)
 
     weights = [float(w) for w in args.prior_weights.split(",")] if args.prior_weights else None
-    results = evaluate_rows(out_dir, held_out, weights)
+    biases = tuple(float(b) for b in args.new_item_biases.split(","))
+    results = evaluate_rows(out_dir, held_out, weights, biases)
     order = list(yaml.safe_load((ROOT / "benchmarks" / "profiles" / "new-items.yaml").read_text())["variants"])
     trained = [entry for entry in results if entry["seed"] is not None]
     models = in_profile_order((entry["variant"] for entry in trained), order)
@@ -306,10 +335,11 @@ def main() -> None:
               "held out of training.\nCommand: python benchmarks/new_items.py "
               f"--dataset={args.dataset} --models={','.join(models)} --seeds={','.join(map(str, seeds))}"
               + (f" --run_args='{args.run_args}'" if args.run_args else "")
-              + (f" --prior_weights={args.prior_weights}" if args.prior_weights else ""))
+              + (f" --prior_weights={args.prior_weights}" if args.prior_weights else "")
+              + (f" --new_item_biases={args.new_item_biases}" if args.prior_weights and biases != (0.0,) else ""))
     text = report(results, header, order)
     if weights:
-        text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights))
+        text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights, biases))
     (out_dir / "new_items.md").write_text(text)
     (out_dir / "new_items.json").write_text(json.dumps(results, indent=1))
     print(text)

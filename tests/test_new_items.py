@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from darec_testing import DAREC_TEST_FIXTURES, build, darec_settings, first_batch, trainer_for
+from recbole.data.interaction import Interaction
 
 from recbole_darec.recommend import Recommender, UnknownItemError
 
@@ -90,6 +91,32 @@ def test_item_id_dropout_leaves_out_ids_in_training_steps_only(tmp_path, text_da
     torch.testing.assert_close(model.item_id_vectors()[ids], model.item_id_vectors(ids))  # one draw for both
     model.eval()
     assert torch.equal(model.item_id_vectors(ids).norm(dim=-1) > 0, known)  # evaluation: every known ID
+
+
+def test_new_item_bias_lifts_exactly_the_items_without_training_interactions(tmp_path):
+    """new_item_bias adds its logit to the scores of the items without a training interaction in full_sort_predict
+    and predict; every other item (padding included) keeps its score, and training does not see it."""
+    data_path, name = write_cold_dataset(tmp_path / "dataset")
+    config, model, train_data, _, _ = build("DARec", name, settings(tmp_path, data_path, new_item_bias=1.5,
+                                                                   lambda_align=0.0, lambda_hard=0.0))
+    # the cold twins, and any item whose interactions are all valid or test targets
+    new = ~model.item_id_known
+    new[0] = False
+    assert new[cold_items(model, train_data)].all()
+    batch = first_batch(train_data)
+    model.eval()
+    candidates = torch.tensor([cold_items(model, train_data)[0], 5])
+    interaction = Interaction({model.ITEM_SEQ: torch.tensor([[3, 4, 5], [7, 8, 0]]),
+                               model.ITEM_SEQ_LEN: torch.tensor([3, 2]), model.ITEM_ID: candidates})
+    with torch.no_grad():
+        (loss,) = model.calculate_loss(batch)
+        lifted, lifted_each = model.full_sort_predict(interaction), model.predict(interaction)
+        model.new_item_bias = 0.0
+        (plain_loss,) = model.calculate_loss(batch)
+        plain, plain_each = model.full_sort_predict(interaction), model.predict(interaction)
+    torch.testing.assert_close(lifted - plain, 1.5 * new.float().expand_as(plain), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lifted_each - plain_each, torch.tensor([1.5, 0.0]), rtol=0, atol=1e-5)
+    assert float(loss) == float(plain_loss)
 
 
 NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
@@ -235,23 +262,27 @@ def test_prior_sweep_scores_a_checkpoint_with_the_text_prior_added(trained_item_
     (rows / "DARec-seed7.new_items.json").write_text(json.dumps({"recbole_test": recbole_test}))
 
     second_copy = str(shutil.copy(trained_item_level, tmp_path / "second.pth"))
-    (entry,) = prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0])
-    assert entry["trained_weight"] == 0.0 and [p["weight"] for p in entry["points"]] == [0.0, 2.0]
-    unchanged, with_prior = (point["test"]["all"] for point in entry["points"])
+    (entry,) = prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0], (0.0, 50.0))
+    assert entry["trained_weight"] == 0.0
+    assert [(p["weight"], p["bias"]) for p in entry["points"]] == [(0.0, 0.0), (0.0, 50.0), (2.0, 0.0), (2.0, 50.0)]
+    unchanged, lifted, with_prior, _ = (point["test"]["all"] for point in entry["points"])
     assert unchanged["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
     assert with_prior["ndcg@10"] != pytest.approx(unchanged["ndcg@10"], abs=1e-4)
+    assert saved.model.item_id_known[1:].all() and lifted == unchanged  # every item has a training interaction:
+    # the bias lifts none (that it lifts exactly the others: test_new_item_bias_lifts_exactly_the_items_...)
     assert entry["points"][0]["test"]["held_out"]["users"] + entry["points"][0]["test"]["seen"]["users"] == \
         unchanged["users"]
     Path(trained_item_level).unlink()  # the kept figures serve without the checkpoint
-    assert prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0]) == [entry]
+    assert prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0], (0.0, 50.0)) == [entry]
     assert "| DARec | 7 |" in sweep_report([entry])
 
     again = tmp_path / "again" / "rows"
     again.mkdir(parents=True)
     (again / "DARec-seed7.json").write_text(json.dumps({"saved_model_file": second_copy,
                                                         "test_result": recbole_test}))
-    (scored,) = [e for e in evaluate_rows(again.parent, ["i003", "i030"], [0.0, 2.0]) if e["seed"] == 7]
+    (scored,) = [e for e in evaluate_rows(again.parent, ["i003", "i030"], [0.0, 2.0], (0.0, 50.0))
+                 if e["seed"] == 7]
     assert scored["all"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
     Path(second_copy).unlink()  # swept while evaluate_rows had it loaded: prior_sweep reads the kept figures
-    (kept,) = prior_sweep(again.parent, ["i003", "i030"], [0.0, 2.0])
+    (kept,) = prior_sweep(again.parent, ["i003", "i030"], [0.0, 2.0], (0.0, 50.0))
     assert kept["points"] == entry["points"]

@@ -10,7 +10,8 @@ The history reaches the LLM in two stages of one backbone (as HLLM, arXiv 2409.1
   mapped into the LLM, and its CF vector (cf_injection.py) added to them or as one more position of the item.
 The state after item k, through ``user_proj``, scores every item's vector: its whitened text state through
 ``item_proj`` plus its ID embedding; ``text_prior_weight`` adds the untrained cosine of the history's mean text
-with each item's text to the rankings. ``calculate_loss`` (darec_core.py) is L_next (one softmax over all items at every
+with each item's text to the rankings, ``new_item_bias`` a constant to the items without a training interaction.
+``calculate_loss`` (darec_core.py) is L_next (one softmax over all items at every
 item boundary) plus L_align, L_hard and L_cf.
 
 The paper's own layout, every token of the history through every layer, is ``DARecTokens`` (darectokens.py).
@@ -54,6 +55,7 @@ class DARec(DARecCore):
         self.history_text_skip = bool(config["history_text_skip"])
         self.text_prior_weight = float(config["text_prior_weight"] or 0.0)
         self.text_prior_in_training = bool(config["text_prior_in_training"])
+        self.new_item_bias = float(config["new_item_bias"] or 0.0)
         self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
@@ -203,15 +205,29 @@ class DARec(DARecCore):
             return prior @ self.unit_item_text().T
         return (prior * self.unit_item_text()[item_ids]).sum(-1)
 
+    def new_item_scores(self, item_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``new_item_bias`` on each item that no training interaction holds (padding aside), 0 elsewhere: (n_items,)
+        or the shape of ``item_ids``; None when the bias is 0. A logit that no training sets: how far a shop wants
+        items found by their text alone lifted against items with a purchase record."""
+        if not self.new_item_bias:
+            return None
+        new = ~self.item_id_known
+        new[0] = False
+        bias = new.float() * self.new_item_bias
+        return bias if item_ids is None else bias[item_ids]
+
     def predict(self, interaction):
         scores = super().predict(interaction)
-        prior = self.prior_scores(interaction, interaction[self.ITEM_ID])
-        return scores if prior is None else scores + prior
+        for term in (self.prior_scores(interaction, interaction[self.ITEM_ID]),
+                     self.new_item_scores(interaction[self.ITEM_ID])):
+            scores = scores if term is None else scores + term
+        return scores
 
     def full_sort_predict(self, interaction):
         scores = super().full_sort_predict(interaction)
-        prior = self.prior_scores(interaction)
-        return scores if prior is None else scores + prior
+        for term in (self.prior_scores(interaction), self.new_item_scores()):
+            scores = scores if term is None else scores + term
+        return scores
 
     def user_from(self, states: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """User vectors (P, D) from the states (P, H) after an item, plus the projected text ``skip`` (P, W) of
