@@ -112,6 +112,12 @@ def evaluate(name: str, seed: int | None, score, test_data, n_items: int, held_i
     return entry
 
 
+def row_files(out_dir: Path) -> list[Path]:
+    """Each row's result file in ``out_dir/rows`` (``<variant>-seed<n>.json``), not the files kept beside it."""
+    return [path for path in sorted((out_dir / "rows").glob("*-seed*.json"))
+            if path.stem.rsplit("-seed", 1)[1].isdigit()]
+
+
 def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | None = None,
                   biases: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Every finished row's best checkpoint (and TextSim on the first text-reading row's data) on held-out and all
@@ -124,9 +130,7 @@ def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | Non
     from recbole_darec.recommend import Recommender
 
     results, text_sim_file = [], out_dir / "rows" / "TextSim.new_items.json"
-    for row_file in sorted((out_dir / "rows").glob("*-seed*.json")):
-        if row_file.name.endswith((".config.json", ".started.json", ".resume.json", ".new_items.json")):
-            continue
+    for row_file in row_files(out_dir):
         row = json.loads(row_file.read_text())
         variant, seed = row_file.stem.rsplit("-seed", 1)
         checkpoint = row.get("saved_model_file")
@@ -175,7 +179,7 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float],
     from recbole_darec.recommend import Recommender
 
     sweeps = []
-    for row_file in sorted((out_dir / "rows").glob("*-seed*.json")):
+    for row_file in row_files(out_dir):
         scored_file = row_file.with_suffix(".new_items.json")
         if not scored_file.exists():
             continue  # not a finished, scored row

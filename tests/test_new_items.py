@@ -286,3 +286,5 @@ def test_prior_sweep_scores_a_checkpoint_with_the_text_prior_added(trained_item_
     Path(second_copy).unlink()  # swept while evaluate_rows had it loaded: prior_sweep reads the kept figures
     (kept,) = prior_sweep(again.parent, ["i003", "i030"], [0.0, 2.0], (0.0, 50.0))
     assert kept["points"] == entry["points"]
+    # run again (the sweep's file now beside the row): the kept figures, not the sweep file taken for a row
+    assert [e for e in evaluate_rows(again.parent, ["i003", "i030"]) if e["seed"] == 7] == [scored]
