@@ -243,8 +243,8 @@ def test_benchmark_ranks_match_recboles_evaluator(tmp_path, text_data, monkeypat
 
 
 def test_prior_sweep_scores_a_checkpoint_with_the_text_prior_added(trained_item_level, tmp_path, monkeypatch):
-    """Weight 0 gives the checkpoint's own ranking (RecBole's test metrics), a positive weight adds the text
-    prior and changes it; the figures are kept beside the row and read back while the row is unchanged. A row
+    """The weight the checkpoint was trained with gives its own ranking (RecBole's test metrics), another weight
+    changes it; the figures are kept beside the row and read back while the row is unchanged. A row
     that evaluate_rows scores is swept in the same pass, its checkpoint loaded once."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from new_items import evaluate_rows, prior_sweep, sweep_report
@@ -261,10 +261,12 @@ def test_prior_sweep_scores_a_checkpoint_with_the_text_prior_added(trained_item_
     recbole_test = {"ndcg@10": expected["ndcg@10"], "recall@10": expected["recall@10"]}
     (rows / "DARec-seed7.new_items.json").write_text(json.dumps({"recbole_test": recbole_test}))
 
+    trained = float(config["text_prior_weight"])
+    weights = [trained, trained + 2.0]
     second_copy = str(shutil.copy(trained_item_level, tmp_path / "second.pth"))
-    (entry,) = prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0], (0.0, 50.0))
-    assert entry["trained_weight"] == 0.0
-    assert [(p["weight"], p["bias"]) for p in entry["points"]] == [(0.0, 0.0), (0.0, 50.0), (2.0, 0.0), (2.0, 50.0)]
+    (entry,) = prior_sweep(tmp_path / "out", ["i003", "i030"], weights, (0.0, 50.0))
+    assert entry["trained_weight"] == trained
+    assert [(p["weight"], p["bias"]) for p in entry["points"]] == [(w, b) for w in weights for b in (0.0, 50.0)]
     unchanged, lifted, with_prior, _ = (point["test"]["all"] for point in entry["points"])
     assert unchanged["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
     assert with_prior["ndcg@10"] != pytest.approx(unchanged["ndcg@10"], abs=1e-4)
@@ -273,18 +275,18 @@ def test_prior_sweep_scores_a_checkpoint_with_the_text_prior_added(trained_item_
     assert entry["points"][0]["test"]["held_out"]["users"] + entry["points"][0]["test"]["seen"]["users"] == \
         unchanged["users"]
     Path(trained_item_level).unlink()  # the kept figures serve without the checkpoint
-    assert prior_sweep(tmp_path / "out", ["i003", "i030"], [0.0, 2.0], (0.0, 50.0)) == [entry]
+    assert prior_sweep(tmp_path / "out", ["i003", "i030"], weights, (0.0, 50.0)) == [entry]
     assert "| DARec | 7 |" in sweep_report([entry])
 
     again = tmp_path / "again" / "rows"
     again.mkdir(parents=True)
     (again / "DARec-seed7.json").write_text(json.dumps({"saved_model_file": second_copy,
                                                         "test_result": recbole_test}))
-    (scored,) = [e for e in evaluate_rows(again.parent, ["i003", "i030"], [0.0, 2.0], (0.0, 50.0))
+    (scored,) = [e for e in evaluate_rows(again.parent, ["i003", "i030"], weights, (0.0, 50.0))
                  if e["seed"] == 7]
     assert scored["all"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
     Path(second_copy).unlink()  # swept while evaluate_rows had it loaded: prior_sweep reads the kept figures
-    (kept,) = prior_sweep(again.parent, ["i003", "i030"], [0.0, 2.0], (0.0, 50.0))
+    (kept,) = prior_sweep(again.parent, ["i003", "i030"], weights, (0.0, 50.0))
     assert kept["points"] == entry["points"]
     # run again (the sweep's file now beside the row): the kept figures, not the sweep file taken for a row
     assert [e for e in evaluate_rows(again.parent, ["i003", "i030"]) if e["seed"] == 7] == [scored]
