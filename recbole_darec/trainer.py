@@ -188,6 +188,40 @@ class Trainer(TrustedCheckpointLoading, RecBoleTrainer):
             self.saved_model_file = resume_file[: -len("-last.pth")] + ".pth"
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
+class DARecTrainer(Trainer):
+    """The plugin's Trainer, and with ``text_prior_weights`` set, the text prior's weight chosen on validation once
+    training has ended: early stopping validates the model at ``text_prior_weight`` (its own scores at 0), since
+    the prior lifts the early epochs most and, in early stopping's validation, ends training on a flat stretch
+    (BENCHMARKS.md, The text prior). The chosen weight is saved into the best checkpoint."""
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                             callback_fn=callback_fn)
+        candidates = self.config["text_prior_weights"]
+        if not candidates or valid_data is None:
+            return result
+        if isinstance(candidates, (int, float)) or any(not isinstance(w, (int, float)) or w < 0 for w in candidates):
+            raise ValueError(f"text_prior_weights={candidates!r}: give a list of weights >= 0, e.g. [0, 0.1, 0.2]")
+        if saved:
+            checkpoint = load_trusted_checkpoint(self.saved_model_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+        scored = []
+        for weight in candidates:
+            self.model.text_prior_weight = float(weight)
+            valid_result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+            scored.append((valid_result[self.valid_metric], float(weight), valid_result))
+            self.logger.info(f"text_prior_weight {weight}: valid {self.valid_metric} {scored[-1][0]:.4f}")
+        sign = 1 if self.valid_metric_bigger else -1
+        best_score, best_weight, best_result = max(scored, key=lambda entry: sign * entry[0])  # first of ties
+        self.model.text_prior_weight, self.model.text_prior_chosen = best_weight, True
+        self.logger.info(f"text_prior_weight {best_weight} chosen on validation")
+        if saved and (self.config["single_spec"] or self.config["local_rank"] == 0):
+            checkpoint["other_parameter"] = self.model.other_parameter()
+            atomic_torch_save(checkpoint, self.saved_model_file, pickle_protocol=4)
+        self.best_valid_score, self.best_valid_result = best_score, best_result
+        return best_score, best_result
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from darec_testing import BACKBONES, TINY_LLM, build, darec_settings, trainer_for, write_text_dataset
 from recbole.data.interaction import Interaction
 
+from recbole_darec.compat import load_trusted_checkpoint
 from recbole_darec.model import darec as darec_module
 from recbole_darec.model.attention import CPU_PRODUCT_ATTENTION_BELOW
 from recbole_darec.model.backbone import sublayer_modules
 from recbole_darec.model.item_states import encode_item_text, pca_whitening
 from recbole_darec.model.layout import pack_rows
+from recbole_darec.recommend import Recommender
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -544,3 +546,33 @@ def test_speed_steps_only_compares_with_a_plain_backbone_in_the_same_checkpointi
     # One top-layer FFN pass per step (warm-up + 4), twice with checkpointing (the recompute in backward), both sides.
     per_step = 2 if checkpointing else 1
     assert layer_calls == {"plain": 5 * per_step, "darec": 5 * per_step}
+
+
+def test_text_prior_weight_is_chosen_on_validation_after_training(tmp_path, text_data):
+    """With text_prior_weights, training (early stopping included, at text_prior_weight) runs as without them;
+    then the candidate with the best validation score becomes text_prior_weight, in the model and in the best
+    checkpoint."""
+    candidates = [0.0, 0.5, 3.0]
+
+    def trained(run: str, **extra):
+        config, model, train_data, valid_data, _ = build("DARec", text_data[1], item_settings(
+            tmp_path / run, text_data[0], epochs=3, learning_rate=0.005, text_prior_weight=3.0, **extra))
+        trainer = trainer_for(config, model)
+        trainer.fit(train_data, valid_data, saved=True)
+        return trainer, model, valid_data
+
+    trainer, model, valid_data = trained("chosen", text_prior_weights=candidates)
+    chosen = model.text_prior_weight
+    scores = []
+    for weight in candidates:
+        model.text_prior_weight = weight
+        scores.append(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
+    assert len(set(scores)) > 1  # the candidates rank differently, so the choice matters
+    assert chosen == candidates[scores.index(max(scores))] != 3.0  # not the weight that training validated at
+    assert trainer.best_valid_score == max(scores)
+    assert Recommender(trainer.saved_model_file).model.text_prior_weight == chosen
+
+    plain, _, _ = trained("plain")
+    weights = load_trusted_checkpoint(trainer.saved_model_file)["state_dict"]
+    for name, value in load_trusted_checkpoint(plain.saved_model_file)["state_dict"].items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)

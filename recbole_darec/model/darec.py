@@ -56,6 +56,7 @@ class DARec(DARecCore):
         self.text_prior_weight = float(config["text_prior_weight"] or 0.0)
         self.text_prior_in_training = bool(config["text_prior_in_training"])
         self.new_item_bias = float(config["new_item_bias"] or 0.0)
+        self.text_prior_chosen = False  # set by DARecTrainer once validation has chosen text_prior_weight
         self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
         item_text = read_item_text(self.backbone, dataset.item_sentences, config, self.n_item_layers,
@@ -228,6 +229,13 @@ class DARec(DARecCore):
         for term in (self.prior_scores(interaction), self.new_item_scores()):
             scores = scores if term is None else scores + term
         return scores
+
+    def other_parameter(self) -> dict:
+        """A text prior weight that validation chose after training travels in the checkpoint (RecBole's
+        other_parameter); a configured one stays the config's, so ``--set text_prior_weight=...`` still acts."""
+        if not self.text_prior_chosen:
+            return {}
+        return {"text_prior_weight": self.text_prior_weight, "text_prior_chosen": True}
 
     def user_from(self, states: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """User vectors (P, D) from the states (P, H) after an item, plus the projected text ``skip`` (P, W) of
