@@ -188,6 +188,7 @@ class Trainer(TrustedCheckpointLoading, RecBoleTrainer):
             self.saved_model_file = resume_file[: -len("-last.pth")] + ".pth"
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
+
 class DARecTrainer(Trainer):
     """The plugin's Trainer, and with ``text_prior_weights`` set, the text prior's weight chosen on validation once
     training has ended: early stopping validates the model at ``text_prior_weight`` (its own scores at 0), since

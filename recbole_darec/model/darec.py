@@ -11,8 +11,8 @@ The history reaches the LLM in two stages of one backbone (as HLLM, arXiv 2409.1
 The state after item k, through ``user_proj``, scores every item's vector: its whitened text state through
 ``item_proj`` plus its ID embedding; ``text_prior_weight`` adds the untrained cosine of the history's mean text
 with each item's text to the rankings, ``new_item_bias`` a constant to the items without a training interaction.
-``calculate_loss`` (darec_core.py) is L_next (one softmax over all items at every
-item boundary) plus L_align, L_hard and L_cf.
+``calculate_loss`` (darec_core.py) is L_next (one softmax over all items at every item boundary) plus L_align,
+L_hard and L_cf.
 
 The paper's own layout, every token of the history through every layer, is ``DARecTokens`` (darectokens.py).
 """
