@@ -218,6 +218,7 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
     ``rows/<row>.prior_sweep.json``. The model runs once per weight: the bias is a fixed vector added after."""
     variant, seed = row_file.stem.rsplit("-seed", 1)
     model, n_items, points = saved.model, len(saved.id2token), []
+    trained_weight = model.text_prior_weight  # the config's, or the one validation chose after training
     splits = {"valid": valid_data, "test": test_data}
     for weight in weights:
         model.text_prior_weight, model.new_item_bias = weight, 0.0
@@ -238,7 +239,7 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
                                        held_ids)
             points.append(point)
     entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test,
-             "trained_weight": float(saved.config["text_prior_weight"] or 0.0), "points": points}
+             "trained_weight": trained_weight, "points": points}
     row_file.with_suffix(".prior_sweep.json").write_text(json.dumps(entry, indent=1))
     return entry
 
