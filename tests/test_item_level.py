@@ -433,8 +433,9 @@ def test_item_level_checkpoint_round_trip(tmp_path, text_data):
     trainer.fit(train_data, valid_data, saved=True)
     before = trainer.evaluate(test_data, load_best_model=True)
     _, again, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0], epochs=1))
-    state = torch.load(trainer.saved_model_file, weights_only=False)["state_dict"]
-    again.load_state_dict(state)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=False)
+    again.load_state_dict(checkpoint["state_dict"])
+    again.load_other_parameter(checkpoint["other_parameter"])  # the text prior's weight chosen after training
     after = trainer_for(config, again).evaluate(test_data, load_best_model=False)
     assert before == after
 
@@ -572,7 +573,7 @@ def test_text_prior_weight_is_chosen_on_validation_after_training(tmp_path, text
     assert trainer.best_valid_score == max(scores)
     assert Recommender(trainer.saved_model_file).model.text_prior_weight == chosen
 
-    plain, _, _ = trained("plain")
+    plain, _, _ = trained("plain", text_prior_weights=None)
     weights = load_trusted_checkpoint(trainer.saved_model_file)["state_dict"]
     for name, value in load_trusted_checkpoint(plain.saved_model_file)["state_dict"].items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
