@@ -23,6 +23,13 @@ def default_data_path(dataset: str) -> str | None:
     return None
 
 
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided Welch t-test p-value of the seeds of two rows (unequal variances)."""
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
 def load_profile(name: str) -> dict:
     """``benchmarks/profiles/<name>.yaml``, or a yaml file given by its path."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "benchmarks" / "profiles" / f"{name}.yaml"

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import METRICS, ROOT, default_data_path, load_profile, parse_overrides, row_config
+from common import METRICS, ROOT, default_data_path, load_profile, parse_overrides, row_config, welch_p
 
 from recbole_darec.provenance import code_version, git_commit
 
@@ -126,13 +126,6 @@ def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
         entry["eval_ms_per_user"] = 1000 * entry["test_seconds"] / max(runs[0]["n_test_rows"], 1)
         table.append(entry)
     return table
-
-
-def welch_p(a: list[float], b: list[float]) -> float:
-    """Two-sided Welch t-test p-value of the seeds of two rows (unequal variances)."""
-    from scipy.stats import ttest_ind
-
-    return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def markdown(table: list[dict], references: list[str]) -> str:

@@ -260,6 +260,32 @@ def test_report_tests_every_row_against_each_reference_with_welch(monkeypatch):
     assert "1.196x" in line
 
 
+def test_compare_reads_the_seeds_of_rows_in_any_folder_and_tests_them_with_welch(tmp_path):
+    from scipy.stats import ttest_ind
+
+    def write(folder: str, variant: str, ndcg: list[float]) -> str:
+        rows = tmp_path / folder / "rows"
+        rows.mkdir(parents=True, exist_ok=True)
+        for seed, value in zip((2020, 2021, 2022), ndcg):
+            result = {"recall@10": 2 * value, "recall@50": 4 * value, "ndcg@10": value, "mrr@10": value / 2}
+            (rows / f"{variant}-seed{seed}.json").write_text(json.dumps(
+                {"test_result": result, "best_valid_result": {"ndcg@10": value + 0.01}}))
+        (rows / f"{variant}-seed2020.config.json").write_text("{}")  # not a row: left out
+        return str(rows / variant)
+
+    ours, theirs = [0.060, 0.061, 0.063], [0.050, 0.052, 0.051]
+    out = run_script("compare.py", f"A={write('one', 'DARec', ours)}", f"B={write('two', 'TextSASRec', theirs)}",
+                     "--reference=B", cwd=tmp_path).stdout
+    assert "| A | 2020, 2021, 2022 |" in out and "0.0613 ± 0.0015" in out  # N@10 mean ± std over the seeds
+    line = next(line for line in out.splitlines() if line.startswith("| A | B |"))
+    ndcg_cell = line.split(" | ")[4]
+    p_value = ttest_ind(ours, theirs, equal_var=False).pvalue
+    assert ndcg_cell == f"+{100 * (sum(ours) / sum(theirs) - 1):.1f}%, p = {p_value:.2g}"
+    missing = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), f"A={tmp_path}/none/rows/X"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode != 0 and "no finished row" in missing.stderr
+
+
 @pytest.mark.parametrize("bigger", [True, False])
 def test_tuning_report_marks_the_trial_validation_selects(tmp_path, bigger):
     from recbole_darec.files import append_json_line
