@@ -48,10 +48,14 @@ def spread(values: list[float]) -> str:
 
 def report(groups: dict[str, dict[int, dict]], references: list[str]) -> str:
     table = {name: figures(rows) for name, rows in groups.items()}
-    lines = ["| row | seeds | " + " | ".join(COLUMNS.values()) + " | best valid N@10 |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+    lines = ["| row | seeds | " + " | ".join(COLUMNS.values()) + " | best valid N@10 | train s | trainable params |",
+             "|---" * (len(COLUMNS) + 5) + "|"]
     for name, values in table.items():
         cells = [spread(values[key]) for key in [*COLUMNS, "valid"]]
+        rows = list(groups[name].values())
+        train_seconds = statistics.mean(row.get("train_seconds", float("nan")) for row in rows)
+        parameters = rows[0].get("trainable_parameters")
+        cells += [f"{train_seconds:.0f}", f"{parameters:,}" if parameters else "-"]
         lines.append(f"| {name} | {', '.join(map(str, sorted(groups[name])))} | " + " | ".join(cells) + " |")
     lines += ["", "| row | against | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for reference in references:
