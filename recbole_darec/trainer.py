@@ -195,14 +195,6 @@ class DARecTrainer(Trainer):
     the prior lifts the early epochs most and, in early stopping's validation, ends training on a flat stretch
     (BENCHMARKS.md, The text prior). The chosen weight is saved into the best checkpoint."""
 
-    def __init__(self, config, model):
-        candidates = config["text_prior_weights"]
-        # checked before training, not after it
-        if candidates and (isinstance(candidates, (int, float))
-                           or any(not isinstance(w, (int, float)) or w < 0 for w in candidates)):
-            raise ValueError(f"text_prior_weights={candidates!r}: give a list of weights >= 0, e.g. [0, 0.1, 0.2]")
-        super().__init__(config, model)
-
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
                              callback_fn=callback_fn)

@@ -25,7 +25,7 @@ import yaml
 
 from recbole_darec.errors import SettingError
 
-_RULE = re.compile(r"^(?:(?P<kind>int|float)\s*)?"
+_RULE = re.compile(r"^(?:(?P<each>list)\s*)?(?:(?P<kind>int|float)\s*)?"
                    r"(?:(?P<open>[\[(])\s*(?P<low>[^,\s]+)\s*,\s*(?P<high>[^\])\s]+)\s*(?P<close>[\])]))?"
                    r"\s*(?P<folder>folder)?\s*(?P<nullable>or ~)?$")
 # "epochs: 200   # (int) The number of ...": a comment's type tag and the words after it.
@@ -35,7 +35,8 @@ _TYPES = {"int": int, "float": float, "bool": bool}
 
 @dataclass(frozen=True)
 class Rule:
-    """A declared range (``properties/ranges.yaml``): an interval, a folder the run writes, or both unset."""
+    """A declared range (``properties/ranges.yaml``): an interval, a folder the run writes, or both unset;
+    ``each``: the setting is a list whose every element is a number in the interval."""
 
     spec: str
     kind: type | None = None  # the type of a setting whose default is ~
@@ -45,19 +46,20 @@ class Rule:
     high_closed: bool = False
     folder: bool = False
     nullable: bool = False
+    each: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Rule:
         match = _RULE.match(str(spec).strip())
         if match is None or not any(match.group(name) for name in ("kind", "open", "folder", "nullable")):
             raise ValueError(f"properties/ranges.yaml: cannot read the range {spec!r} (e.g. '[1, inf)', "
-                             "'(0, inf) or ~', 'int [1, inf)', 'folder')")
+                             "'(0, inf) or ~', 'int [1, inf)', 'list [0, inf)', 'folder')")
         bounds = {}
         if match["open"]:
             bounds = dict(low=float(match["low"]), high=float(match["high"]), low_closed=match["open"] == "[",
                           high_closed=match["close"] == "]")
         return cls(spec=spec, kind=_TYPES.get(match["kind"] or ""), folder=bool(match["folder"]),
-                   nullable=bool(match["nullable"]), **bounds)
+                   nullable=bool(match["nullable"]), each=bool(match["each"]), **bounds)
 
     def holds(self, number: float) -> bool:
         above = number >= self.low if self.low_closed else number > self.low
@@ -112,6 +114,8 @@ def yaml_note(key: str, files: Iterable[str | os.PathLike]) -> tuple[str | None,
 def expected_type(default: Any, tag: str | None, rule: Rule | None) -> type | None:
     """int, float or bool for a setting whose value must be one, else None (strings, lists, dicts: RecBole reads
     several spellings of them, e.g. topk: 10 or [10, 50])."""
+    if rule is not None and rule.each:
+        return None  # the elements are checked, not the list
     if rule is not None and rule.kind is not None:
         return rule.kind
     if tag in _TYPES:
@@ -145,6 +149,20 @@ def folder_problem(path: str) -> str | None:
     return None
 
 
+def _list_problem(value: Any, rule: Rule, or_none: str) -> str | None:
+    """What is wrong with ``value`` as a non-empty list of numbers each in ``rule``'s interval, or None."""
+    wanted = f"a list of one or more {'whole numbers' if rule.kind is int else 'numbers'} {rule.words()}".rstrip()
+    if not isinstance(value, (list, tuple)) or not value:
+        return f"must be {wanted}{or_none}"
+    for position, number in enumerate(value):
+        problem = _type_problem(number, rule.kind or float)
+        if problem is None and not rule.holds(number):
+            problem = f"must be {rule.words()}"
+        if problem:
+            return f"element {position} ({number!r}) {problem}: give {wanted}{or_none}"
+    return None
+
+
 def setting_problem(key: str, value: Any, default: Any, tag: str | None, rule: Rule | None) -> str | None:
     """What is wrong with ``value`` for setting ``key`` (default ``default``), in words, or None."""
     if value is None:
@@ -157,9 +175,12 @@ def setting_problem(key: str, value: Any, default: Any, tag: str | None, rule: R
         return problem
     if rule is None:
         return None
+    or_none = ", or ~" if rule.nullable or default is None else ""
+    if rule.each:
+        return _list_problem(value, rule, or_none)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if is_number and rule.words() and not rule.holds(value):
-        return f"must be {rule.words()}" + (", or ~" if rule.nullable or default is None else "")
+        return f"must be {rule.words()}{or_none}"
     if rule.folder:
         return folder_problem(str(value))
     return None

@@ -249,6 +249,7 @@ def test_every_declared_range_parses_and_names_settings():
     ("(0, inf)", [1e-9, 3], [0, -2, math.inf], "greater than 0"),
     ("[0, 1) or ~", [0, 0.5], [1, 1.5, -0.1], "at least 0 and below 1"),
     ("int [1, inf)", [1], [0], "at least 1"),
+    ("list [0, inf) or ~", [0, 2.5], [-0.1], "at least 0"),
 ])
 def test_declared_ranges(spec, inside, outside, words):
     rule = Rule.parse(spec)
@@ -269,10 +270,27 @@ def test_types_come_from_the_yaml_defaults(tmp_path, settings, words):
         assert word in str(info.value)
 
 
+@pytest.mark.parametrize("candidates, words", [
+    ([0.0, -0.1], ["element 1 (-0.1) must be at least 0"]),
+    (["a"], ["element 0 ('a') must be a number"]),
+    ([True], ["element 0 (True) must be a number"]),
+    (0.2, ["must be a list of one or more numbers at least 0, or ~"]),
+    ([], ["must be a list of one or more numbers at least 0, or ~"]),
+], ids=["negative", "not-a-number", "a-bool", "not-a-list", "empty"])
+def test_a_list_setting_is_checked_element_by_element_before_any_data(candidates, words):
+    # text_prior_weights is DARec's only list-valued range ("list [0, inf) or ~"); the one line names the setting.
+    with pytest.raises(ValueError) as info:
+        Config(model="DARec", dataset="tiny", config_dict={"text_prior_weights": candidates})
+    for word in ["text_prior_weights=", *words, "default [0, 0.05"]:
+        assert word in str(info.value), str(info.value)
+
+
 def test_valid_values_pass(tmp_path):
     # SASRecCPR's yaml writes hidden_dropout_prob's default as 0: its "(float)" tag says fractions are fine. An int
     # for a float setting; ~ where the default is ~ or the range allows it; a folder that is created later.
     config = Config(model="SASRecCPR", dataset="tiny", config_dict={
         "hidden_dropout_prob": 0.2, "learning_rate": 1, "llm_layers": None, "llm_learning_rate": None,
         "checkpoint_dir": str(tmp_path / "new" / "folder")})
+    for candidates in ([0, 0.25], (1,), None):
+        assert Config(model="DARec", dataset="tiny", config_dict={"text_prior_weights": candidates})
     assert config["hidden_dropout_prob"] == 0.2 and not (tmp_path / "new").exists()  # the check creates nothing

@@ -577,11 +577,3 @@ def test_text_prior_weight_is_chosen_on_validation_after_training(tmp_path, text
     weights = load_trusted_checkpoint(trainer.saved_model_file)["state_dict"]
     for name, value in load_trusted_checkpoint(plain.saved_model_file)["state_dict"].items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("candidates", [[0.0, -0.1], 0.2, ["a"]], ids=["negative", "not-a-list", "not-a-number"])
-def test_bad_text_prior_weights_fail_before_training(tmp_path, text_data, candidates):
-    config, model, _, _, _ = build("DARec", text_data[1], item_settings(tmp_path, text_data[0],
-                                                                       text_prior_weights=candidates))
-    with pytest.raises(ValueError, match="text_prior_weights=.*list of weights >= 0"):
-        trainer_for(config, model)
