@@ -52,6 +52,33 @@ def test_losses_present_finite_and_hard_negatives_valid(tmp_path, text_data):
         assert (chosen_sims >= fourth_best - 1e-6).all(), item
 
 
+@pytest.mark.parametrize("model_name, layout", [("DARecTokens", {}), ("DARec", {"sequence_layers": 1})])
+def test_hard_text_only_scores_the_look_alikes_without_their_id_vectors(tmp_path, text_data, model_name, layout):
+    """With hard_text_only, L_hard does not move when the ID embeddings do (and has no gradient into them); without
+    it, it does: the ID vectors are part of the candidates it scores."""
+
+    def hard_losses(text_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        _, model, train_data, _, _ = build(model_name, text_data[1], settings_for(
+            tmp_path / f"{model_name}-{text_only}", text_data, lambda_align=0.0, lambda_hard=1.0, hard_negatives=4,
+            dropout_prob=0.0, hard_text_only=text_only, **layout))
+        model.train()
+        batch = first_batch(train_data)
+        _, hard = model.calculate_loss(batch)
+        model.zero_grad()
+        hard.backward()
+        id_grad = model.item_id_embedding.weight.grad
+        with torch.no_grad():
+            model.item_id_embedding.weight.mul_(3.0).add_(0.5)
+            _, moved = model.calculate_loss(batch)
+        return hard.detach() - moved, id_grad
+
+    shift, id_grad = hard_losses(text_only=True)
+    assert abs(float(shift)) < 1e-5 and (id_grad is None or not id_grad.abs().any())
+    shift, id_grad = hard_losses(text_only=False)
+    assert abs(float(shift)) > 1e-3 and id_grad.abs().any()
+
+
 def test_loss_weights_switch_terms_off(tmp_path, text_data):
     _, model, train_data, _, _ = build("DARecTokens", text_data[1], settings_for(
         tmp_path, text_data, lambda_align=0.0, lambda_hard=0.0))

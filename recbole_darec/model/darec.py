@@ -148,13 +148,14 @@ class DARec(DARecCore):
         skip = self.text_skip(full_seq[:, :-1])  # (B, L, W) or None
         user_vecs = self.user_from(self.dropout(states[:, :-1][has_next]),
                                    None if skip is None else skip[has_next])  # (P, D)
-        item_vecs = self.item_vectors()  # (n_items, D)
+        item_text_vecs = self.item_proj(self.item_text_features)  # (n_items, D)
+        item_vecs = self.plus_item_id(item_text_vecs)
         logits = self.score(user_vecs, item_vecs)
         if self.text_prior_weight and self.text_prior_in_training:
             logits = logits + self.text_prior(full_seq[:, :-1])[has_next] @ self.unit_item_text().T
         logits[:, ~self.training_candidates()] = float("-inf")  # padding too
         batch_items = torch.unique(next_items)
-        return NextItemTerms(F.cross_entropy(logits, next_items), user_vecs, next_items, item_vecs,
+        return NextItemTerms(F.cross_entropy(logits, next_items), user_vecs, next_items, item_vecs, item_text_vecs,
                              batch_items, self.item_text_features[batch_items])
 
     def user_vectors(self, interaction) -> torch.Tensor:

@@ -36,6 +36,7 @@ class NextItemTerms:
     user_vecs: torch.Tensor  # (P, D) the user after item k ...
     next_items: torch.Tensor  # (P,) ... and item k+1, its target
     item_vecs: torch.Tensor  # (n_items, D) every candidate
+    item_text_vecs: torch.Tensor  # (n_items, D) their text part, without the ID vector
     aligned_items: torch.Tensor  # (N,) items whose text vector L_align pulls towards their ID embedding
     aligned_features: torch.Tensor  # (N, text_dim) their text features
 
@@ -52,6 +53,7 @@ class DARecCore(SequentialRecommender):
         self.lambda_align = float(config["lambda_align"] or 0.0)
         self.lambda_hard = float(config["lambda_hard"] or 0.0)
         self.hard_temperature = float(config["hard_temperature"])
+        self.hard_text_only = bool(config["hard_text_only"])
         self.n_hard_negatives = int(config["hard_negatives"])
         self.use_item_id = bool(config["use_item_id"])
         self.item_id_dropout = float(config["item_id_dropout"] or 0.0)
@@ -254,7 +256,10 @@ class DARecCore(SequentialRecommender):
                                                        self.temperature))
         if self.lambda_hard > 0:
             self._mine_hard_negatives()
-            losses.append(self.lambda_hard * hard_negative_loss(terms.user_vecs, terms.item_vecs, terms.next_items,
+            # hard_text_only: the target against its look-alikes by text part alone, so the ID vectors cannot be
+            # what tells them apart.
+            candidates = terms.item_text_vecs if self.hard_text_only else terms.item_vecs
+            losses.append(self.lambda_hard * hard_negative_loss(terms.user_vecs, candidates, terms.next_items,
                                                                 self.hard_negatives[terms.next_items],
                                                                 self.hard_temperature,
                                                                 normalize_items=not self.id_residual))

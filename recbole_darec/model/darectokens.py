@@ -111,12 +111,15 @@ class DARecTokens(DARecCore):
     def _standardised(self, states: torch.Tensor) -> torch.Tensor:
         return (states - self.state_mean) / self.state_std
 
-    def item_vectors(self, item_states: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Candidate vectors (N, D) from ``[ITEM]`` states (N, H) of ``item_ids`` (default every item). The
-        standardisation is folded into ``item_proj``'s weights: one (D, H) product instead of two (N, H) passes."""
+    def item_text_vectors(self, item_states: torch.Tensor) -> torch.Tensor:
+        """The text part (N, D) of candidate vectors, from ``[ITEM]`` states (N, H). The standardisation is folded
+        into ``item_proj``'s weights: one (D, H) product instead of two (N, H) passes."""
         weight = self.item_proj.weight / self.state_std  # (D, H)
-        text = F.linear(item_states, weight, self.item_proj.bias - weight @ self.state_mean)
-        return self.plus_item_id(text, item_ids)
+        return F.linear(item_states, weight, self.item_proj.bias - weight @ self.state_mean)
+
+    def item_vectors(self, item_states: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Candidate vectors (N, D) from ``[ITEM]`` states (N, H) of ``item_ids`` (default every item)."""
+        return self.plus_item_id(self.item_text_vectors(item_states), item_ids)
 
     # ----- training -------------------------------------------------------------------------------------------
     def next_item_terms(self, full_seq: torch.Tensor, full_len: torch.Tensor,
@@ -133,7 +136,8 @@ class DARecTokens(DARecCore):
         has_next, next_items = self.next_positions(full_seq, full_len)
         user_vecs = self.user_proj(self._standardised(states[:, :-1][has_next]))  # (P, D): after item k, for k+1
         # 1) every item from the cache: trains the user side, item_proj and the ID embeddings;
-        item_vecs = self.item_vectors(self.item_cache.states)
+        item_text_vecs = self.item_text_vectors(self.item_cache.states)  # (n_items, D)
+        item_vecs = self.plus_item_id(item_text_vecs)
         logits = self.score(user_vecs, item_vecs)
         logits[:, ~self.training_candidates()] = float("-inf")  # padding too
         loss = F.cross_entropy(logits, next_items)
@@ -151,7 +155,8 @@ class DARecTokens(DARecCore):
         fresh_states, align_states = self.encode_items(batch_items)
         fresh_vecs = self.item_vectors(fresh_states, batch_items)  # (N_fresh, D)
         loss = loss + F.cross_entropy(self.score(fresh_users, fresh_vecs), target_in_batch)
-        return NextItemTerms(loss, user_vecs, next_items, item_vecs, batch_items, self._standardised(align_states))
+        return NextItemTerms(loss, user_vecs, next_items, item_vecs, item_text_vecs, batch_items,
+                             self._standardised(align_states))
 
     def text_states_for_mining(self) -> torch.Tensor:
         return self.item_cache.states  # as first filled: the untrained model's
