@@ -134,10 +134,13 @@ class DARec(DARecCore):
             hidden = llm_pass()
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_slots)  # (B, H)
 
+    def item_text_vectors(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The text part (N, D) of the candidate vectors of ``item_ids`` (default every item): projected features."""
+        return self.item_proj(self.item_text_features if item_ids is None else self.item_text_features[item_ids])
+
     def item_vectors(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Candidate vectors (N, D) of ``item_ids`` (default every item): projected text features plus ID part."""
-        features = self.item_text_features if item_ids is None else self.item_text_features[item_ids]
-        return self.plus_item_id(self.item_proj(features), item_ids)
+        """Candidate vectors (N, D) of ``item_ids`` (default every item): the text part plus the ID part."""
+        return self.plus_item_id(self.item_text_vectors(item_ids), item_ids)
 
     def next_item_terms(self, full_seq: torch.Tensor, full_len: torch.Tensor,
                         users: torch.Tensor | None) -> NextItemTerms:
@@ -148,7 +151,7 @@ class DARec(DARecCore):
         skip = self.text_skip(full_seq[:, :-1])  # (B, L, W) or None
         user_vecs = self.user_from(self.dropout(states[:, :-1][has_next]),
                                    None if skip is None else skip[has_next])  # (P, D)
-        item_text_vecs = self.item_proj(self.item_text_features)  # (n_items, D)
+        item_text_vecs = self.item_text_vectors()  # (n_items, D)
         item_vecs = self.plus_item_id(item_text_vecs)
         logits = self.score(user_vecs, item_vecs)
         if self.text_prior_weight and self.text_prior_in_training:
