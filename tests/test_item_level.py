@@ -29,7 +29,8 @@ def item_settings(tmp_path: Path, data_path: str, **overrides) -> dict:
 
 CF_INPUTS = {"no-cf": {}, "cf=BPR": {"cf_model": "BPR"},
              "cf=BPR-position": {"cf_model": "BPR", "cf_as_position": True},
-             "cf=BPR+user": {"cf_model": "BPR", "cf_user_vector": True}}
+             "cf=BPR+user": {"cf_model": "BPR", "cf_user_vector": True},
+             "cf=BPR,no-id": {"cf_model": "BPR", "use_item_id": False}}
 
 
 @pytest.mark.parametrize("item_positions", [1, 3])
@@ -169,7 +170,7 @@ def test_history_positions_of_an_item_are_the_parts_of_its_text(tmp_path, text_d
     assert not torch.allclose(parts[item, 0], parts[item, 1])
 
 
-@pytest.mark.parametrize("cf", ["cf=BPR", "cf=BPR-position", "cf=BPR+user"])
+@pytest.mark.parametrize("cf", ["cf=BPR", "cf=BPR-position", "cf=BPR+user", "cf=BPR,no-id"])
 def test_cf_injection_acts_only_through_the_cf_vectors_of_its_inputs(tmp_path, text_data, cf):
     """The user states read the CF vectors of the history's items (and the user's own only with cf_user_vector):
     changing an item's CF vector changes the histories that hold it and no other."""
