@@ -63,19 +63,67 @@ def hold_out_items(source: Path, target: Path, fraction: float, seed: int) -> li
     return sorted(held_out)
 
 
+def last_training_items_held_out(source: Path, held_out: list[str]) -> dict[str, str]:
+    """Each user whose training part ends in a held-out item (the third-from-last interaction), and that item.
+
+    The split removes it, so at validation no history ends in a held-out item, while at test one can: the test
+    history ends in the validation target, a held-out item for about ``fraction`` of the users. Validation with this
+    item put back at the end of the history (``test_like``) faces the test's situation, with nothing from the test
+    part: the item is the user's own, from before the validation target, and no model trained on it."""
+    name, held = source.name, set(held_out)
+    lines = (source / f"{name}.inter").read_text(encoding="utf-8").splitlines()
+    columns = [cell.split(":")[0] for cell in lines[0].split("\t")]
+    user_col, item_col, time_col = columns.index("user_id"), columns.index("item_id"), columns.index("timestamp")
+    by_user: dict[str, list[tuple[float, int, str]]] = {}
+    for index, line in enumerate(lines[1:]):
+        if line:
+            row = line.split("\t")
+            by_user.setdefault(row[user_col], []).append((float(row[time_col]), index, row[item_col]))
+    last = {user: sorted(events)[-3][2] for user, events in by_user.items() if len(events) >= 3}
+    return {user: item for user, item in last.items() if item in held}
+
+
+def test_like(valid_data, appended: dict[int, int], model_fields: tuple[str, str, str]):
+    """``valid_data``'s batches with ``appended`` (internal user id -> internal item id) put at the end of those
+    users' histories (the oldest item drops out of a full one): the validation of ``last_training_items_held_out``."""
+    from recbole.data.interaction import Interaction
+
+    uid_field, seq_field, len_field = model_fields
+    for interaction, history_index, positive_u, positive_i in valid_data:
+        seq, lengths = interaction[seq_field].clone(), interaction[len_field].clone()  # (B, L), (B,)
+        for row, user in enumerate(interaction[uid_field].tolist()):
+            item = appended.get(user)
+            if item is None:
+                continue
+            n = int(lengths[row])
+            if n == seq.shape[1]:
+                seq[row, :-1] = seq[row, 1:].clone()
+                n -= 1
+            seq[row, n] = item
+            lengths[row] = n + 1
+        fields = {key: interaction[key] for key in interaction.columns}
+        fields[seq_field], fields[len_field] = seq, lengths
+        yield Interaction(fields), history_index, positive_u, positive_i
+
+
+def ranks_of(scores: torch.Tensor, history_index, positive_u, positive_i) -> torch.Tensor:
+    """(B,) rank of each user's target, 1 = first, under RecBole's full-ranking protocol: padding (and, where
+    RecBole masks them, the user's earlier items) are no candidates. A tie counts against the target: items with
+    the same text and no ID vector score exactly alike."""
+    scores = scores.float().clone()  # (B, n_items)
+    scores[:, 0] = float("-inf")
+    if history_index is not None:
+        scores[history_index] = float("-inf")
+    target_scores = scores[positive_u, positive_i]  # (B,): one target per user (leave-one-out)
+    return (scores >= target_scores[:, None]).sum(1)  # the target itself included
+
+
 @torch.no_grad()
 def target_ranks(score, test_data, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank of each test user's target among all items, 1 = first; the target's internal id) under RecBole's
-    full-ranking protocol: padding (and, where RecBole masks them, the user's earlier items) are not candidates.
-    A tie counts against the target: items with the same text and no ID vector score exactly alike."""
+    """(rank of each test user's target among all items (``ranks_of``); the target's internal id)."""
     ranks, targets = [], []
     for interaction, history_index, positive_u, positive_i in test_data:
-        scores = score(interaction).view(-1, n_items).float().clone()  # (B, n_items)
-        scores[:, 0] = float("-inf")
-        if history_index is not None:
-            scores[history_index] = float("-inf")
-        target_scores = scores[positive_u, positive_i]  # (B,): one target per user (leave-one-out)
-        ranks.append((scores >= target_scores[:, None]).sum(1))  # the target itself included
+        ranks.append(ranks_of(score(interaction).view(-1, n_items), history_index, positive_u, positive_i))
         targets.append(positive_i)
     return torch.cat(ranks), torch.cat(targets)
 
@@ -102,12 +150,15 @@ def text_similarity_scores(item_features: torch.Tensor, model_fields: tuple[str,
     return score
 
 
-def evaluate(name: str, seed: int | None, score, test_data, n_items: int, held_ids: torch.Tensor) -> dict:
-    """One model's metrics over the users whose target is held out, those whose target is not, and all."""
-    ranks, targets = target_ranks(score, test_data, n_items)
+def split_metrics(ranks: torch.Tensor, targets: torch.Tensor, held_ids: torch.Tensor) -> dict:
+    """Metrics over the users whose target is held out, those whose target is not, and all."""
     new = torch.isin(targets, held_ids)
-    entry = {"variant": name, "seed": seed, "held_out": metrics(ranks[new]), "seen": metrics(ranks[~new]),
-             "all": metrics(ranks)}
+    return {"held_out": metrics(ranks[new]), "seen": metrics(ranks[~new]), "all": metrics(ranks)}
+
+
+def evaluate(name: str, seed: int | None, score, test_data, n_items: int, held_ids: torch.Tensor) -> dict:
+    """One model's ``split_metrics``."""
+    entry = {"variant": name, "seed": seed, **split_metrics(*target_ranks(score, test_data, n_items), held_ids)}
     print(f"== {name} (seed {seed}): held-out {entry['held_out']} all {entry['all']}", flush=True)
     return entry
 
@@ -119,12 +170,13 @@ def row_files(out_dir: Path) -> list[Path]:
 
 
 def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | None = None,
-                  biases: tuple[float, ...] = (0.0,)) -> list[dict]:
+                  biases: tuple[float, ...] = (0.0,), new_weights: tuple[float | None, ...] = (None,),
+                  appended: dict[str, str] | None = None) -> list[dict]:
     """Every finished row's best checkpoint (and TextSim on the first text-reading row's data) on held-out and all
     targets. Each row's figures are kept beside it (``rows/<row>.new_items.json``, committed with the row), so a
     clone without the checkpoints still reports it; a row trained again is scored again. With ``weights``, a row
     loaded here is also swept (``prior_sweep``, ``weights`` x ``biases``) while its checkpoint and data are in
-    memory."""
+    memory, over ``new_weights`` too, and ``appended`` gives it the test-like validation (``sweep_row``)."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
@@ -157,7 +209,8 @@ def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | Non
         scored_file.write_text(json.dumps(entry, indent=1))
         results.append(entry)
         if weights and hasattr(model, "text_prior_weight"):
-            sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, biases, recbole_test)
+            sweep_row(row_file, saved, valid_data, test_data, held_ids, grid(weights, new_weights, biases),
+                      recbole_test, appended)
         if not text_sim_file.exists() and hasattr(model, "item_text_features"):
             score = text_similarity_scores(model.item_text_features.float().cpu(), (model.ITEM_SEQ, model.ITEM_SEQ_LEN))
             text_sim_file.write_text(json.dumps(evaluate("TextSim", None, score, test_data, n_items, held_ids),
@@ -167,13 +220,15 @@ def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | Non
     return results
 
 
-def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float],
-                biases: tuple[float, ...] = (0.0,)) -> list[dict]:
+def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float], biases: tuple[float, ...] = (0.0,),
+                new_weights: tuple[float | None, ...] = (None,), appended: dict[str, str] | None = None) -> list[dict]:
     """Each finished row of a model with a text prior (DARec), its best checkpoint scored with ``text_prior_weight``
-    set to each of ``weights`` and ``new_item_bias`` to each of ``biases``, at evaluation only: the untrained
-    text-similarity ranking added to a trained model's scores, and a lift for the items without a training
-    interaction, to be chosen on validation. Valid and test metrics, each split as ``evaluate`` splits them; kept
-    beside the row (``rows/<row>.prior_sweep.json``) like its other figures."""
+    set to each of ``weights``, ``new_item_prior_weight`` to each of ``new_weights`` (None: the same weight) and
+    ``new_item_bias`` to each of ``biases``, at evaluation only: the untrained text-similarity ranking added to a
+    trained model's scores, and its weight and a lift for the items without a training interaction, to be chosen
+    on validation. Metrics of each split (valid, test, and the test-like validation when ``appended`` is given),
+    each split as ``split_metrics`` splits them; kept beside the row (``rows/<row>.prior_sweep.json``) like its
+    other figures."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
@@ -188,7 +243,8 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float],
         recbole_test = json.loads(scored_file.read_text())["recbole_test"]
         if sweep_file.exists():
             entry = json.loads(sweep_file.read_text())
-            if entry["recbole_test"] == recbole_test and sweep_grid(entry) == grid(weights, biases):
+            if (entry["recbole_test"] == recbole_test and sweep_grid(entry) == grid(weights, new_weights, biases)
+                    and all(("valid_test_like" in point) == bool(appended) for point in entry["points"])):
                 sweeps.append(entry)
                 continue
         checkpoint = row.get("saved_model_file")
@@ -199,66 +255,90 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float],
             continue
         _, _, valid_data, test_data = load_data(saved.config)
         held_ids = torch.tensor([saved.token2id[item] for item in held_out if item in saved.token2id])
-        sweeps.append(sweep_row(row_file, saved, valid_data, test_data, held_ids, weights, biases, recbole_test))
+        sweeps.append(sweep_row(row_file, saved, valid_data, test_data, held_ids,
+                                grid(weights, new_weights, biases), recbole_test, appended))
     return sweeps
 
 
-def grid(weights: list[float], biases: tuple[float, ...]) -> list[tuple[float, float]]:
-    return [(weight, bias) for weight in weights for bias in biases]
+Point = tuple[float, "float | None", float]  # (text prior weight, its weight on new items or None: the same, bias)
 
 
-def sweep_grid(entry: dict) -> list[tuple[float, float]]:
-    """The (weight, bias) points of a kept sweep; one from before the bias was swept has bias 0."""
-    return [(point["weight"], point.get("bias", 0.0)) for point in entry["points"]]
+def grid(weights: list[float], new_weights: tuple[float | None, ...], biases: tuple[float, ...]) -> list[Point]:
+    return [(weight, new_weight, bias) for weight in weights for new_weight in new_weights for bias in biases]
 
 
-def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tensor, weights: list[float],
-              biases: tuple[float, ...], recbole_test: dict) -> dict:
-    """One row's loaded checkpoint scored at each (prior weight, new-item bias); written to
-    ``rows/<row>.prior_sweep.json``. The model runs once per weight: the bias is a fixed vector added after."""
+def sweep_grid(entry: dict) -> list[Point]:
+    """The points of a kept sweep; one from before a dimension was swept has its neutral value there."""
+    return [(point["weight"], point.get("new_weight"), point.get("bias", 0.0)) for point in entry["points"]]
+
+
+@torch.no_grad()
+def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tensor, points: list[Point],
+              recbole_test: dict, appended: dict[str, str] | None = None) -> dict:
+    """One row's loaded checkpoint scored at each point, on validation, test and (with ``appended``, raw user ->
+    raw item, from ``last_training_items_held_out``) the test-like validation; written to
+    ``rows/<row>.prior_sweep.json``. The model runs twice per batch, without the prior and for the prior's logits
+    at weight 1; a point's scores are those two and the bias combined, as DARec combines them."""
     variant, seed = row_file.stem.rsplit("-seed", 1)
-    model, n_items, points = saved.model, len(saved.id2token), []
-    trained_weight = model.text_prior_weight  # the config's, or the one validation chose after training
+    model, n_items = saved.model, len(saved.id2token)
+    trained = (model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias)
+    new = (~model.item_id_known).cpu()  # (n_items,): the items without a training interaction
+    new[0] = False
     splits = {"valid": valid_data, "test": test_data}
-    for weight in weights:
-        model.text_prior_weight, model.new_item_bias = weight, 0.0
-        with torch.no_grad():  # RecBole's evaluation batches come in the same order on every pass
-            scores = {name: [model.full_sort_predict(inter.to(model.device)).cpu() for inter, *_ in data]
-                      for name, data in splits.items()}
-        for bias in biases:
-            model.new_item_bias = bias
-            lift = 0.0 if not bias else model.new_item_scores().cpu()
-            point = {"weight": weight, "bias": bias}
-            for name, data in splits.items():
-                batches = iter(scores[name])
-
-                def score(_, batches=batches, lift=lift) -> torch.Tensor:
-                    return next(batches) + lift
-
-                point[name] = evaluate(f"{variant} w={weight} b={bias} {name}", int(seed), score, data, n_items,
-                                       held_ids)
-            points.append(point)
-    entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test,
-             "trained_weight": trained_weight, "points": points}
+    if appended:
+        dataset = valid_data._dataset
+        uid_field, iid_field = dataset.uid_field, dataset.iid_field
+        user_ids, item_ids = dataset.field2token_id[uid_field], dataset.field2token_id[iid_field]
+        internal = {user_ids[user]: item_ids[item] for user, item in appended.items() if user in user_ids}
+        splits["valid_test_like"] = test_like(valid_data, internal, (uid_field, model.ITEM_SEQ, model.ITEM_SEQ_LEN))
+    ranks = {(point, name): [] for point in points for name in splits}
+    targets = {name: [] for name in splits}
+    for name, data in splits.items():
+        for interaction, history_index, positive_u, positive_i in data:
+            interaction = interaction.to(model.device)
+            model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = 0.0, None, 0.0
+            base = model.full_sort_predict(interaction).view(-1, n_items).cpu()  # (B, n_items)
+            model.text_prior_weight = 1.0
+            prior = model.prior_scores(interaction).cpu()  # (B, n_items): the prior's logits at weight 1
+            for point in points:
+                weight, new_weight, bias = point
+                item_weights = torch.where(new, weight if new_weight is None else new_weight, weight)
+                scores = base + prior * item_weights + bias * new.float()
+                ranks[point, name].append(ranks_of(scores, history_index, positive_u, positive_i))
+            targets[name].append(positive_i)
+    model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = trained
+    entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test, "trained_weight": trained[0],
+             "points": [{"weight": point[0], "new_weight": point[1], "bias": point[2],
+                         **{name: split_metrics(torch.cat(ranks[point, name]), torch.cat(targets[name]), held_ids)
+                            for name in splits}} for point in points]}
     row_file.with_suffix(".prior_sweep.json").write_text(json.dumps(entry, indent=1))
     return entry
 
 
 def sweep_report(sweeps: list[dict]) -> str:
-    """One line per row and point; the point that validation (N@10 over all users) selects in bold."""
-    lines = ["Text prior (`text_prior_weight`) and new-item bias (`new_item_bias`) added at evaluation, each row's "
-             "best checkpoint; selection on valid N@10 over all users.", "",
-             "| row | seed | weight | new-item bias | valid N@10 | held-out test: N@10 | R@10 | seen test: N@10 | "
-             "R@10 | all test users: N@10 | R@10 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per row and point; the point that validation selects in bold: N@10 over all users of the test-like
+    validation where the sweep has it, else of the plain one."""
+    lines = ["Text prior (`text_prior_weight`; on new items `new_item_prior_weight`, - = the same) and new-item bias "
+             "(`new_item_bias`) added at evaluation, each row's best checkpoint. Selection on N@10 over all users of "
+             "the test-like validation (each history ends in its held-out item where the split took one off its "
+             "end), or of the plain validation where a sweep has no test-like one.", "",
+             "| row | seed | weight | new-item weight | new-item bias | valid N@10 | test-like valid N@10 | held-out "
+             "R@10 | held-out test: N@10 | R@10 | seen test: N@10 | R@10 | all test users: N@10 | R@10 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in sweeps:
-        best = max(entry["points"], key=lambda point: point["valid"]["all"]["ndcg@10"])
+        selection = "valid_test_like" if "valid_test_like" in entry["points"][0] else "valid"
+        best = max(entry["points"], key=lambda point: point[selection]["all"]["ndcg@10"])
         for point in entry["points"]:
             weight = f"**{point['weight']:g}**" if point is best else f"{point['weight']:g}"
-            cells = [f"{point['valid']['all']['ndcg@10']:.4f}"] + [
-                f"{point['test'][part][key]:.4f}" for part in ("held_out", "seen", "all")
-                for key in ("ndcg@10", "recall@10")]
-            bias = f"{point.get('bias', 0.0):g}"
-            lines.append(f"| {entry['variant']} | {entry['seed']} | {weight} | {bias} | " + " | ".join(cells) + " |")
+            new_weight = "-" if point.get("new_weight") is None else f"{point['new_weight']:g}"
+            like = point.get("valid_test_like")
+            cells = [f"{point['valid']['all']['ndcg@10']:.4f}",
+                     *((f"{like['all']['ndcg@10']:.4f}", f"{like['held_out']['recall@10']:.4f}") if like
+                       else ("", ""))]
+            cells += [f"{point['test'][part][key]:.4f}" for part in ("held_out", "seen", "all")
+                      for key in ("ndcg@10", "recall@10")]
+            lines.append(f"| {entry['variant']} | {entry['seed']} | {weight} | {new_weight} | "
+                         f"{point.get('bias', 0.0):g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -307,6 +387,9 @@ def main() -> None:
                         "evaluation only (e.g. 0,0.1,0.2); the table goes to new_items.md")
     parser.add_argument("--new_item_biases", default="0",
                         help="with --prior_weights: comma-separated new_item_bias values, each with every weight")
+    parser.add_argument("--new_item_weights", default="",
+                        help="with --prior_weights: comma-separated new_item_prior_weight values (the prior's weight "
+                        "on new items), each with every weight; the sweep keeps 'the same weight' as one of them")
     args = parser.parse_args()
 
     out_dir = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.dataset}-new-items").resolve()
@@ -330,7 +413,9 @@ def main() -> None:
 
     weights = [float(w) for w in args.prior_weights.split(",")] if args.prior_weights else None
     biases = tuple(float(b) for b in args.new_item_biases.split(","))
-    results = evaluate_rows(out_dir, held_out, weights, biases)
+    new_weights = (None, *(float(w) for w in args.new_item_weights.split(",") if w))
+    appended = last_training_items_held_out(Path(source_root) / args.dataset, held_out)
+    results = evaluate_rows(out_dir, held_out, weights, biases, new_weights, appended)
     order = list(yaml.safe_load((ROOT / "benchmarks" / "profiles" / "new-items.yaml").read_text())["variants"])
     trained = [entry for entry in results if entry["seed"] is not None]
     models = in_profile_order((entry["variant"] for entry in trained), order)
@@ -341,10 +426,12 @@ def main() -> None:
               f"--dataset={args.dataset} --models={','.join(models)} --seeds={','.join(map(str, seeds))}"
               + (f" --run_args='{args.run_args}'" if args.run_args else "")
               + (f" --prior_weights={args.prior_weights}" if args.prior_weights else "")
-              + (f" --new_item_biases={args.new_item_biases}" if args.prior_weights and biases != (0.0,) else ""))
+              + (f" --new_item_biases={args.new_item_biases}" if args.prior_weights and biases != (0.0,) else "")
+              + (f" --new_item_weights={args.new_item_weights}" if args.prior_weights and args.new_item_weights
+                 else ""))
     text = report(results, header, order)
     if weights:
-        text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights, biases))
+        text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights, biases, new_weights, appended))
     (out_dir / "new_items.md").write_text(text)
     (out_dir / "new_items.json").write_text(json.dumps(results, indent=1))
     print(text)

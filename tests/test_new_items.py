@@ -119,6 +119,34 @@ def test_new_item_bias_lifts_exactly_the_items_without_training_interactions(tmp
     assert float(loss) == float(plain_loss)
 
 
+def test_new_item_prior_weight_weighs_the_prior_on_exactly_the_new_items(tmp_path):
+    """new_item_prior_weight puts its own weight on the text prior of the items without a training interaction, in
+    full_sort_predict and predict; the other items keep text_prior_weight's, and equal weights score as one."""
+    data_path, name = write_cold_dataset(tmp_path / "dataset")
+    _, model, _, _, _ = build("DARec", name, settings(tmp_path, data_path))
+    new = ~model.item_id_known
+    model.eval()
+    candidates = torch.tensor([int(new[1:].nonzero()[0]) + 1, 5])
+    interaction = Interaction({model.ITEM_SEQ: torch.tensor([[3, 4, 5], [7, 8, 0]]),
+                               model.ITEM_SEQ_LEN: torch.tensor([3, 2]), model.ITEM_ID: candidates})
+
+    def scores(weight: float, new_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        model.text_prior_weight, model.new_item_prior_weight = weight, new_weight
+        with torch.no_grad():
+            return model.full_sort_predict(interaction), model.predict(interaction)
+
+    plain, plain_each = scores(0.0, None)
+    unit, unit_each = (with_prior - without for with_prior, without in zip(scores(1.0, None), (plain, plain_each)))
+    assert unit[:, new].abs().min() > 0  # the prior reaches the new items
+    mixed, mixed_each = scores(0.5, 2.0)
+    item_weights = torch.where(new, 2.0, 0.5)
+    torch.testing.assert_close(mixed - plain, unit * item_weights, rtol=0, atol=1e-4)
+    torch.testing.assert_close(mixed_each - plain_each, unit_each * item_weights[candidates], rtol=0, atol=1e-4)
+    only_new, _ = scores(0.0, 2.0)
+    assert torch.equal(only_new[:, ~new], plain[:, ~new]) and not torch.equal(only_new[:, new], plain[:, new])
+    assert torch.equal(scores(0.5, 0.5)[0], scores(0.5, None)[0])
+
+
 NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
 
 
@@ -224,6 +252,57 @@ def test_held_out_items_lose_their_training_interactions_only(tmp_path, monkeypa
         assert after[user][-2:] == items[-2:]  # valid and test targets stay
         assert after[user][:-2] == [item for item in items[:-2] if item not in held]
     assert (tmp_path / "split" / name / f"{name}.item").read_text() == (source / f"{name}.item").read_text()
+
+
+def test_test_like_validation_ends_histories_in_the_held_out_item_the_split_took_off(tmp_path, monkeypatch):
+    """The test-like validation puts back, at the end of a validation history, the user's last training-part item
+    where the split removed it (a held-out item), and changes nothing else; the sweep over it scores as DARec
+    scores with new_item_prior_weight and new_item_bias set."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from new_items import evaluate, hold_out_items, last_training_items_held_out, sweep_row, test_like
+
+    data_path, name = write_cold_dataset(tmp_path / "dataset")
+    source = Path(data_path) / name
+    held = hold_out_items(source, tmp_path / "split" / name, 0.25, seed=3)
+    appended = last_training_items_held_out(source, held)
+    lines = [line.split("\t") for line in (source / f"{name}.inter").read_text().splitlines()[1:]]
+    sequences: dict[str, list[str]] = {}
+    for user, item, _ in lines:  # the file lists each user's items in time order
+        sequences.setdefault(user, []).append(item)
+    assert appended == {user: items[-3] for user, items in sequences.items() if items[-3] in held}
+    assert 0 < len(appended) < len(sequences)
+
+    _, model, _, valid_data, test_data = build("DARec", name, settings(tmp_path, str(tmp_path / "split")))
+    dataset = valid_data._dataset
+    user_ids, item_ids = dataset.field2token_id[dataset.uid_field], dataset.field2token_id[dataset.iid_field]
+    internal = {user_ids[user]: item_ids[item] for user, item in appended.items()}
+    fields = (dataset.uid_field, model.ITEM_SEQ, model.ITEM_SEQ_LEN)
+    seen_users = 0
+    for (plain, *plain_rest), (like, *like_rest) in zip(valid_data, test_like(valid_data, internal, fields)):
+        assert all(torch.equal(a, b) for a, b in zip(plain_rest[1:], like_rest[1:]))  # the same targets
+        for row, user in enumerate(plain[dataset.uid_field].tolist()):
+            n = int(plain[model.ITEM_SEQ_LEN][row])
+            history = plain[model.ITEM_SEQ][row, :n].tolist() + ([internal[user]] if user in internal else [])
+            assert like[model.ITEM_SEQ][row, : len(history)].tolist() == history
+            assert int(like[model.ITEM_SEQ_LEN][row]) == len(history)
+            seen_users += 1
+    assert seen_users == len(sequences)
+
+    new = ~model.item_id_known
+    new[0] = False
+    assert new.any()
+    model.eval()
+    saved = type("Saved", (), {"model": model, "id2token": list(dataset.field2id_token[dataset.iid_field])})
+    held_ids = new.nonzero().flatten()
+    entry = sweep_row(tmp_path / "DARec-seed1.json", saved, valid_data, test_data, held_ids, [(0.5, 3.0, 1.0)],
+                      {}, appended)
+    (point,) = entry["points"]
+    assert set(point) == {"weight", "new_weight", "bias", "valid", "test", "valid_test_like"}
+    model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = 0.5, 3.0, 1.0
+    for split, data in (("test", test_data), ("valid_test_like", test_like(valid_data, internal, fields))):
+        direct = evaluate("direct", 1, model.full_sort_predict, data, len(saved.id2token), held_ids)
+        for part in ("held_out", "all"):
+            assert point[split][part] == pytest.approx(direct[part], abs=1e-4), (split, part)
 
 
 def test_benchmark_ranks_match_recboles_evaluator(tmp_path, text_data, monkeypatch):

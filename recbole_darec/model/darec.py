@@ -56,6 +56,8 @@ class DARec(DARecCore):
         self.text_prior_weight = float(config["text_prior_weight"] or 0.0)
         self.text_prior_in_training = bool(config["text_prior_in_training"])
         self.new_item_bias = float(config["new_item_bias"] or 0.0)
+        new_weight = config["new_item_prior_weight"]
+        self.new_item_prior_weight = None if new_weight is None else float(new_weight)
         self.text_prior_chosen = False  # set by DARecTrainer once validation has chosen text_prior_weight
         self.cf_as_position = bool(config["cf_as_position"])
         self.n_item_layers = n_layers - sequence_layers
@@ -186,13 +188,14 @@ class DARec(DARecCore):
             skip = skip + self.history_skip_weight * running_mean(features, seq)
         return skip
 
-    def text_prior(self, seq: torch.Tensor) -> torch.Tensor:
-        """(B, L, W): ``text_prior_weight`` / temperature times the unit mean text of the history up to each
-        position of ``seq`` (B, L). Its product with an item's unit text is a fixed logit term beside the model's:
-        the untrained text-similarity ranking, which no training on the seen items can bend towards them, so an item
-        that no training interaction holds keeps the score its text earns."""
+    def text_prior(self, seq: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """(B, L, W): ``weight`` (default ``text_prior_weight``) / temperature times the unit mean text of the
+        history up to each position of ``seq`` (B, L). Its product with an item's unit text is a fixed logit term
+        beside the model's: the untrained text-similarity ranking, which no training on the seen items can bend
+        towards them, so an item that no training interaction holds keeps the score its text earns."""
         history_mean = running_mean(self.item_text_features[seq], seq)  # (B, L, W)
-        return F.normalize(history_mean, dim=-1) * (self.text_prior_weight / self.temperature)
+        weight = self.text_prior_weight if weight is None else weight
+        return F.normalize(history_mean, dim=-1) * (weight / self.temperature)
 
     def unit_item_text(self) -> torch.Tensor:
         """(n_items, W): every item's whitened text features at unit length."""
@@ -200,15 +203,25 @@ class DARec(DARecCore):
 
     def prior_scores(self, interaction, item_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """The text prior's logits of each history's user after its last item: (B, n_items), or (B,) against
-        ``item_ids`` (B,); None when ``text_prior_weight`` is 0."""
-        if not self.text_prior_weight:
-            return None
+        ``item_ids`` (B,); None when every item's prior weight is 0. With ``new_item_prior_weight`` the items
+        without a training interaction take that weight, the others ``text_prior_weight``."""
+        new_weight = self.new_item_prior_weight
+        if new_weight is None or new_weight == self.text_prior_weight:
+            if not self.text_prior_weight:
+                return None
+            item_weights, weight = None, self.text_prior_weight
+        else:
+            new = ~self.item_id_known
+            item_weights = torch.where(new, new_weight, self.text_prior_weight).to(self.item_text_features.dtype)
+            weight = 1.0  # the weights go onto the items' columns
         item_len = interaction[self.ITEM_SEQ_LEN]
-        prior = self.text_prior(interaction[self.ITEM_SEQ][:, : int(item_len.max())])
+        prior = self.text_prior(interaction[self.ITEM_SEQ][:, : int(item_len.max())], weight)
         prior = prior[torch.arange(len(item_len)), item_len - 1]  # (B, W)
         if item_ids is None:
-            return prior @ self.unit_item_text().T
-        return (prior * self.unit_item_text()[item_ids]).sum(-1)
+            scores = prior @ self.unit_item_text().T  # (B, n_items)
+            return scores if item_weights is None else scores * item_weights
+        scores = (prior * self.unit_item_text()[item_ids]).sum(-1)  # (B,)
+        return scores if item_weights is None else scores * item_weights[item_ids]
 
     def new_item_scores(self, item_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """``new_item_bias`` on each item that no training interaction holds (padding aside), 0 elsewhere: (n_items,)
