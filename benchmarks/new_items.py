@@ -32,6 +32,21 @@ from common import ROOT, default_data_path
 TOPK = 10
 
 
+def read_interactions(source: Path) -> tuple[str, list[list[str]], int, dict[str, list[int]]]:
+    """The ``.inter`` file of the dataset in ``source``: (header line, rows, the item column, each user's row
+    indices in time order, ties in file order)."""
+    lines = (source / f"{source.name}.inter").read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0], [line.split("\t") for line in lines[1:] if line]
+    columns = [cell.split(":")[0] for cell in header.split("\t")]
+    user_col, item_col, time_col = columns.index("user_id"), columns.index("item_id"), columns.index("timestamp")
+    by_user: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_user.setdefault(row[user_col], []).append(index)
+    for indices in by_user.values():
+        indices.sort(key=lambda i: (float(rows[i][time_col]), i))
+    return header, rows, item_col, by_user
+
+
 def hold_out_items(source: Path, target: Path, fraction: float, seed: int) -> list[str]:
     """Copy the atomic files of the dataset in ``source`` (a ``<name>/`` folder) to ``target`` with every training
     interaction of a random ``fraction`` of the items removed; returns the raw ids of those items.
@@ -40,20 +55,10 @@ def hold_out_items(source: Path, target: Path, fraction: float, seed: int) -> li
     ``LS: valid_and_test``, ``order: TO``); removing earlier interactions leaves the last two where they are.
     """
     name = source.name
-    inter_lines = (source / f"{name}.inter").read_text(encoding="utf-8").splitlines()
-    header, rows = inter_lines[0], [line.split("\t") for line in inter_lines[1:] if line]
-    columns = [cell.split(":")[0] for cell in header.split("\t")]
-    user_col, item_col, time_col = columns.index("user_id"), columns.index("item_id"), columns.index("timestamp")
+    header, rows, item_col, by_user = read_interactions(source)
     items = sorted({row[item_col] for row in rows})
     held_out = set(random.Random(seed).sample(items, round(fraction * len(items))))
-
-    by_user: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        by_user.setdefault(row[user_col], []).append(index)
-    evaluation_rows = set()  # each user's last two interactions (valid and test targets)
-    for indices in by_user.values():
-        indices.sort(key=lambda i: (float(rows[i][time_col]), i))
-        evaluation_rows.update(indices[-2:])
+    evaluation_rows = {index for indices in by_user.values() for index in indices[-2:]}  # valid and test targets
     kept = [row for index, row in enumerate(rows) if row[item_col] not in held_out or index in evaluation_rows]
 
     target.mkdir(parents=True, exist_ok=True)
@@ -70,16 +75,9 @@ def last_training_items_held_out(source: Path, held_out: list[str]) -> dict[str,
     history ends in the validation target, a held-out item for about ``fraction`` of the users. Validation with this
     item put back at the end of the history (``test_like``) faces the test's situation, with nothing from the test
     part: the item is the user's own, from before the validation target, and no model trained on it."""
-    name, held = source.name, set(held_out)
-    lines = (source / f"{name}.inter").read_text(encoding="utf-8").splitlines()
-    columns = [cell.split(":")[0] for cell in lines[0].split("\t")]
-    user_col, item_col, time_col = columns.index("user_id"), columns.index("item_id"), columns.index("timestamp")
-    by_user: dict[str, list[tuple[float, int, str]]] = {}
-    for index, line in enumerate(lines[1:]):
-        if line:
-            row = line.split("\t")
-            by_user.setdefault(row[user_col], []).append((float(row[time_col]), index, row[item_col]))
-    last = {user: sorted(events)[-3][2] for user, events in by_user.items() if len(events) >= 3}
+    _, rows, item_col, by_user = read_interactions(source)
+    last = {user: rows[indices[-3]][item_col] for user, indices in by_user.items() if len(indices) >= 3}
+    held = set(held_out)
     return {user: item for user, item in last.items() if item in held}
 
 
