@@ -83,7 +83,8 @@ def last_training_items_held_out(source: Path, held_out: list[str]) -> dict[str,
 
 def test_like(valid_data, appended: dict[int, int], model_fields: tuple[str, str, str]):
     """``valid_data``'s batches with ``appended`` (internal user id -> internal item id) put at the end of those
-    users' histories (the oldest item drops out of a full one): the validation of ``last_training_items_held_out``."""
+    users' histories (the oldest item drops out of a full one): the validation of ``last_training_items_held_out``.
+    Only the item list and its length change (the other ``*_list`` fields, which DARec does not read, stay)."""
     from recbole.data.interaction import Interaction
 
     uid_field, seq_field, len_field = model_fields
@@ -262,6 +263,7 @@ Point = tuple[float, "float | None", float]  # (text prior weight, its weight on
 
 
 def grid(weights: list[float], new_weights: tuple[float | None, ...], biases: tuple[float, ...]) -> list[Point]:
+    """Every combination, weight-major."""
     return [(weight, new_weight, bias) for weight in weights for new_weight in new_weights for bias in biases]
 
 
@@ -287,24 +289,27 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
         dataset = valid_data._dataset
         uid_field, iid_field = dataset.uid_field, dataset.iid_field
         user_ids, item_ids = dataset.field2token_id[uid_field], dataset.field2token_id[iid_field]
-        internal = {user_ids[user]: item_ids[item] for user, item in appended.items() if user in user_ids}
+        internal = {user_ids[user]: item_ids[item] for user, item in appended.items()
+                    if user in user_ids and item in item_ids}
         splits["valid_test_like"] = test_like(valid_data, internal, (uid_field, model.ITEM_SEQ, model.ITEM_SEQ_LEN))
     ranks = {(point, name): [] for point in points for name in splits}
     targets = {name: [] for name in splits}
-    for name, data in splits.items():
-        for interaction, history_index, positive_u, positive_i in data:
-            interaction = interaction.to(model.device)
-            model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = 0.0, None, 0.0
-            base = model.full_sort_predict(interaction).view(-1, n_items).cpu()  # (B, n_items)
-            model.text_prior_weight = 1.0
-            prior = model.prior_scores(interaction).cpu()  # (B, n_items): the prior's logits at weight 1
-            for point in points:
-                weight, new_weight, bias = point
-                item_weights = torch.where(new, weight if new_weight is None else new_weight, weight)
-                scores = base + prior * item_weights + bias * new.float()
-                ranks[point, name].append(ranks_of(scores, history_index, positive_u, positive_i))
-            targets[name].append(positive_i)
-    model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = trained
+    try:
+        for name, data in splits.items():
+            for interaction, history_index, positive_u, positive_i in data:
+                interaction = interaction.to(model.device)
+                model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = 0.0, None, 0.0
+                base = model.full_sort_predict(interaction).view(-1, n_items).cpu()  # (B, n_items)
+                model.text_prior_weight = 1.0
+                prior = model.prior_scores(interaction).cpu()  # (B, n_items): the prior's logits at weight 1
+                for point in points:
+                    weight, new_weight, bias = point
+                    item_weights = torch.where(new, weight if new_weight is None else new_weight, weight)
+                    scores = base + prior * item_weights + bias * new.float()
+                    ranks[point, name].append(ranks_of(scores, history_index, positive_u, positive_i))
+                targets[name].append(positive_i)
+    finally:
+        model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = trained
     entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test, "trained_weight": trained[0],
              "points": [{"weight": point[0], "new_weight": point[1], "bias": point[2],
                          **{name: split_metrics(torch.cat(ranks[point, name]), torch.cat(targets[name]), held_ids)
@@ -320,8 +325,9 @@ def sweep_report(sweeps: list[dict]) -> str:
              "(`new_item_bias`) added at evaluation, each row's best checkpoint. Selection on N@10 over all users of "
              "the test-like validation (each history ends in its held-out item where the split took one off its "
              "end), or of the plain validation where a sweep has no test-like one.", "",
-             "| row | seed | weight | new-item weight | new-item bias | valid N@10 | test-like valid N@10 | held-out "
-             "R@10 | held-out test: N@10 | R@10 | seen test: N@10 | R@10 | all test users: N@10 | R@10 |",
+             "| row | seed | weight | new-item weight | new-item bias | valid N@10 | test-like valid N@10 | test-like "
+             "valid held-out R@10 | held-out test: N@10 | R@10 | seen test: N@10 | R@10 | all test users: N@10 | "
+             "R@10 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in sweeps:
         selection = "valid_test_like" if "valid_test_like" in entry["points"][0] else "valid"

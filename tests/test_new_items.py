@@ -125,8 +125,9 @@ def test_new_item_prior_weight_weighs_the_prior_on_exactly_the_new_items(tmp_pat
     data_path, name = write_cold_dataset(tmp_path / "dataset")
     _, model, _, _, _ = build("DARec", name, settings(tmp_path, data_path))
     new = ~model.item_id_known
+    new[0] = False  # padding
     model.eval()
-    candidates = torch.tensor([int(new[1:].nonzero()[0]) + 1, 5])
+    candidates = torch.tensor([int(new.nonzero()[0]), int(model.item_id_known[1:].nonzero()[0]) + 1])
     interaction = Interaction({model.ITEM_SEQ: torch.tensor([[3, 4, 5], [7, 8, 0]]),
                                model.ITEM_SEQ_LEN: torch.tensor([3, 2]), model.ITEM_ID: candidates})
 
@@ -144,7 +145,6 @@ def test_new_item_prior_weight_weighs_the_prior_on_exactly_the_new_items(tmp_pat
     torch.testing.assert_close(mixed_each - plain_each, unit_each * item_weights[candidates], rtol=0, atol=1e-4)
     only_new, _ = scores(0.0, 2.0)
     assert torch.equal(only_new[:, ~new], plain[:, ~new]) and not torch.equal(only_new[:, new], plain[:, new])
-    assert torch.equal(scores(0.5, 0.5)[0], scores(0.5, None)[0])
 
 
 NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
@@ -303,6 +303,21 @@ def test_test_like_validation_ends_histories_in_the_held_out_item_the_split_took
         direct = evaluate("direct", 1, model.full_sort_predict, data, len(saved.id2token), held_ids)
         for part in ("held_out", "all"):
             assert point[split][part] == pytest.approx(direct[part], abs=1e-4), (split, part)
+
+
+def test_test_like_appends_to_short_and_full_histories(monkeypatch):
+    """A full history drops its oldest item for the appended one; a short one grows by one, padding after it."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from new_items import test_like
+
+    batch = Interaction({"user_id": torch.tensor([1, 2, 3]), "seq": torch.tensor([[4, 5, 6], [7, 0, 0], [8, 9, 0]]),
+                         "len": torch.tensor([3, 1, 2])})
+    targets = (None, torch.arange(3), torch.tensor([10, 11, 12]))
+    ((like, *rest),) = test_like([(batch, *targets)], {1: 20, 2: 21}, ("user_id", "seq", "len"))
+    assert like["seq"].tolist() == [[5, 6, 20], [7, 21, 0], [8, 9, 0]]
+    assert like["len"].tolist() == [3, 2, 2]
+    assert rest[0] is None and torch.equal(rest[2], targets[2])
+    assert batch["seq"].tolist() == [[4, 5, 6], [7, 0, 0], [8, 9, 0]]  # the loader's batch is left as it was
 
 
 def test_benchmark_ranks_match_recboles_evaluator(tmp_path, text_data, monkeypatch):

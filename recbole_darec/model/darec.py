@@ -212,6 +212,7 @@ class DARec(DARecCore):
             item_weights, weight = None, self.text_prior_weight
         else:
             new = ~self.item_id_known
+            new[0] = False  # padding
             item_weights = torch.where(new, new_weight, self.text_prior_weight).to(self.item_text_features.dtype)
             weight = 1.0  # the weights go onto the items' columns
         item_len = interaction[self.ITEM_SEQ_LEN]
