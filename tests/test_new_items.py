@@ -320,6 +320,19 @@ def test_test_like_appends_to_short_and_full_histories(monkeypatch):
     assert batch["seq"].tolist() == [[4, 5, 6], [7, 0, 0], [8, 9, 0]]  # the loader's batch is left as it was
 
 
+def test_selection_keeps_all_user_accuracy_within_two_percent(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from new_items import select_points
+
+    def point(ndcg: float, held_recall: float) -> dict:
+        return {"valid_test_like": {"all": {"ndcg@10": ndcg}, "held_out": {"recall@10": held_recall}},
+                "valid": {"all": {"ndcg@10": 1.0}, "held_out": {"recall@10": 1.0}}}  # not the split selected on
+
+    points = [point(0.100, 0.10), point(0.0985, 0.20), point(0.0975, 0.40)]
+    best, reach = select_points(points)
+    assert best is points[0] and reach is points[1]  # 0.0975 is more than 2% below 0.100
+
+
 def test_benchmark_ranks_match_recboles_evaluator(tmp_path, text_data, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from new_items import metrics, target_ranks
