@@ -282,8 +282,7 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
     variant, seed = row_file.stem.rsplit("-seed", 1)
     model, n_items = saved.model, len(saved.id2token)
     trained = (model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias)
-    new = (~model.item_id_known).cpu()  # (n_items,): the items without a training interaction
-    new[0] = False
+    new = model.new_items().float().cpu()  # (n_items,): 1 on the items without a training interaction
     splits = {"valid": valid_data, "test": test_data}
     if appended:
         dataset = valid_data._dataset
@@ -292,6 +291,7 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
         internal = {user_ids[user]: item_ids[item] for user, item in appended.items()
                     if user in user_ids and item in item_ids}
         splits["valid_test_like"] = test_like(valid_data, internal, (uid_field, model.ITEM_SEQ, model.ITEM_SEQ_LEN))
+    item_weights = {point: model.prior_item_weights(point[0], point[1]).cpu() for point in points}  # (n_items,)
     ranks = {(point, name): [] for point in points for name in splits}
     targets = {name: [] for name in splits}
     try:
@@ -303,9 +303,7 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
                 model.text_prior_weight = 1.0
                 prior = model.prior_scores(interaction).cpu()  # (B, n_items): the prior's logits at weight 1
                 for point in points:
-                    weight, new_weight, bias = point
-                    item_weights = torch.where(new, weight if new_weight is None else new_weight, weight)
-                    scores = base + prior * item_weights + bias * new.float()
+                    scores = base + prior * item_weights[point] + point[2] * new
                     ranks[point, name].append(ranks_of(scores, history_index, positive_u, positive_i))
                 targets[name].append(positive_i)
     finally:

@@ -211,9 +211,7 @@ class DARec(DARecCore):
                 return None
             item_weights, weight = None, self.text_prior_weight
         else:
-            new = ~self.item_id_known
-            new[0] = False  # padding
-            item_weights = torch.where(new, new_weight, self.text_prior_weight).to(self.item_text_features.dtype)
+            item_weights = self.prior_item_weights(self.text_prior_weight, new_weight)
             weight = 1.0  # the weights go onto the items' columns
         item_len = interaction[self.ITEM_SEQ_LEN]
         prior = self.text_prior(interaction[self.ITEM_SEQ][:, : int(item_len.max())], weight)
@@ -224,15 +222,25 @@ class DARec(DARecCore):
         scores = (prior * self.unit_item_text()[item_ids]).sum(-1)  # (B,)
         return scores if item_weights is None else scores * item_weights[item_ids]
 
+    def new_items(self) -> torch.Tensor:
+        """(n_items,) bool: the items that no training interaction holds (padding aside)."""
+        new = ~self.item_id_known
+        new[0] = False
+        return new
+
+    def prior_item_weights(self, weight: float, new_weight: float | None) -> torch.Tensor:
+        """(n_items,): the text prior's weight on each item, ``new_weight`` on the ``new_items`` (None: ``weight``)
+        and ``weight`` on the others."""
+        new_weight = weight if new_weight is None else new_weight
+        return torch.where(self.new_items(), new_weight, weight).to(self.item_text_features.dtype)
+
     def new_item_scores(self, item_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """``new_item_bias`` on each item that no training interaction holds (padding aside), 0 elsewhere: (n_items,)
         or the shape of ``item_ids``; None when the bias is 0. A logit that no training sets: how far a shop wants
         items found by their text alone lifted against items with a purchase record."""
         if not self.new_item_bias:
             return None
-        new = ~self.item_id_known
-        new[0] = False
-        bias = new.float() * self.new_item_bias
+        bias = self.new_items().float() * self.new_item_bias
         return bias if item_ids is None else bias[item_ids]
 
     def predict(self, interaction):
