@@ -170,12 +170,13 @@ def row_files(out_dir: Path) -> list[Path]:
 
 def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | None = None,
                   biases: tuple[float, ...] = (0.0,), new_weights: tuple[float | None, ...] = (None,),
-                  appended: dict[str, str] | None = None) -> list[dict]:
+                  appended: dict[str, str] | None = None, neighbours: tuple[int, ...] = (0,)) -> list[dict]:
     """Every finished row's best checkpoint (and TextSim on the first text-reading row's data) on held-out and all
     targets. Each row's figures are kept beside it (``rows/<row>.new_items.json``, committed with the row), so a
     clone without the checkpoints still reports it; a row trained again is scored again. With ``weights``, a row
     loaded here is also swept (``prior_sweep``, ``weights`` x ``biases``) while its checkpoint and data are in
-    memory, over ``new_weights`` too, and ``appended`` gives it the test-like validation (``sweep_row``)."""
+    memory, over ``new_weights`` and ``neighbours`` too, and ``appended`` gives it the test-like validation
+    (``sweep_row``)."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
@@ -208,8 +209,8 @@ def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | Non
         scored_file.write_text(json.dumps(entry, indent=1))
         results.append(entry)
         if weights and hasattr(model, "text_prior_weight"):
-            sweep_row(row_file, saved, valid_data, test_data, held_ids, grid(weights, new_weights, biases),
-                      recbole_test, appended)
+            sweep_row(row_file, saved, valid_data, test_data, held_ids,
+                      grid(weights, new_weights, biases, neighbours), recbole_test, appended)
         if not text_sim_file.exists() and hasattr(model, "item_text_features"):
             score = text_similarity_scores(model.item_text_features.float().cpu(), (model.ITEM_SEQ, model.ITEM_SEQ_LEN))
             text_sim_file.write_text(json.dumps(evaluate("TextSim", None, score, test_data, n_items, held_ids),
@@ -220,14 +221,15 @@ def evaluate_rows(out_dir: Path, held_out: list[str], weights: list[float] | Non
 
 
 def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float], biases: tuple[float, ...] = (0.0,),
-                new_weights: tuple[float | None, ...] = (None,), appended: dict[str, str] | None = None) -> list[dict]:
+                new_weights: tuple[float | None, ...] = (None,), appended: dict[str, str] | None = None,
+                neighbours: tuple[int, ...] = (0,)) -> list[dict]:
     """Each finished row of a model with a text prior (DARec), its best checkpoint scored with ``text_prior_weight``
-    set to each of ``weights``, ``new_item_prior_weight`` to each of ``new_weights`` (None: the same weight) and
-    ``new_item_bias`` to each of ``biases``, at evaluation only: the untrained text-similarity ranking added to a
-    trained model's scores, and its weight and a lift for the items without a training interaction, to be chosen
-    on validation. Metrics of each split (valid, test, and the test-like validation when ``appended`` is given),
-    each split as ``split_metrics`` splits them; kept beside the row (``rows/<row>.prior_sweep.json``) like its
-    other figures."""
+    set to each of ``weights``, ``new_item_prior_weight`` to each of ``new_weights`` (None: the same weight),
+    ``new_item_bias`` to each of ``biases`` and ``new_item_id_neighbours`` to each of ``neighbours``, at evaluation
+    only: the untrained text-similarity ranking added to a trained model's scores, its weight, a lift and borrowed
+    ID vectors for the items without a training interaction, to be chosen on validation. Metrics of each split
+    (valid, test, and the test-like validation when ``appended`` is given), each split as ``split_metrics`` splits
+    them; kept beside the row (``rows/<row>.prior_sweep.json``) like its other figures."""
     import recbole_darec  # noqa: F401  (compat first)
     from recbole_darec.data import load_data
     from recbole_darec.recommend import Recommender
@@ -242,7 +244,8 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float], biases
         recbole_test = json.loads(scored_file.read_text())["recbole_test"]
         if sweep_file.exists():
             entry = json.loads(sweep_file.read_text())
-            if (entry["recbole_test"] == recbole_test and sweep_grid(entry) == grid(weights, new_weights, biases)
+            if (entry["recbole_test"] == recbole_test
+                    and sweep_grid(entry) == grid(weights, new_weights, biases, neighbours)
                     and all(("valid_test_like" in point) == bool(appended) for point in entry["points"])):
                 sweeps.append(entry)
                 continue
@@ -255,21 +258,25 @@ def prior_sweep(out_dir: Path, held_out: list[str], weights: list[float], biases
         _, _, valid_data, test_data = load_data(saved.config)
         held_ids = torch.tensor([saved.token2id[item] for item in held_out if item in saved.token2id])
         sweeps.append(sweep_row(row_file, saved, valid_data, test_data, held_ids,
-                                grid(weights, new_weights, biases), recbole_test, appended))
+                                grid(weights, new_weights, biases, neighbours), recbole_test, appended))
     return sweeps
 
 
-Point = tuple[float, "float | None", float]  # (text prior weight, its weight on new items or None: the same, bias)
+# (text prior weight, its weight on new items or None: the same, new-item bias, new_item_id_neighbours)
+Point = tuple[float, "float | None", float, int]
 
 
-def grid(weights: list[float], new_weights: tuple[float | None, ...], biases: tuple[float, ...]) -> list[Point]:
-    """Every combination, weight-major."""
-    return [(weight, new_weight, bias) for weight in weights for new_weight in new_weights for bias in biases]
+def grid(weights: list[float], new_weights: tuple[float | None, ...], biases: tuple[float, ...],
+         neighbours: tuple[int, ...] = (0,)) -> list[Point]:
+    """Every combination, neighbours-major, then weight-major."""
+    return [(weight, new_weight, bias, k) for k in neighbours for weight in weights for new_weight in new_weights
+            for bias in biases]
 
 
 def sweep_grid(entry: dict) -> list[Point]:
     """The points of a kept sweep; one from before a dimension was swept has its neutral value there."""
-    return [(point["weight"], point.get("new_weight"), point.get("bias", 0.0)) for point in entry["points"]]
+    return [(point["weight"], point.get("new_weight"), point.get("bias", 0.0), point.get("neighbours", 0))
+            for point in entry["points"]]
 
 
 @torch.no_grad()
@@ -278,39 +285,48 @@ def sweep_row(row_file: Path, saved, valid_data, test_data, held_ids: torch.Tens
     """One row's loaded checkpoint scored at each point, on validation, test and (with ``appended``, raw user ->
     raw item, from ``last_training_items_held_out``) the test-like validation; written to
     ``rows/<row>.prior_sweep.json``. The model runs twice per batch, without the prior and for the prior's logits
-    at weight 1; a point's scores are those two and the bias combined, as DARec combines them."""
+    at weight 1; a point's scores are those two and the bias combined, as DARec combines them. The model runs once
+    per ``new_item_id_neighbours`` value of the points."""
     variant, seed = row_file.stem.rsplit("-seed", 1)
     model, n_items = saved.model, len(saved.id2token)
-    trained = (model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias)
+    trained = (model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias,
+               model.new_item_id_neighbours)
     new = model.new_items().float().cpu()  # (n_items,): 1 on the items without a training interaction
-    splits = {"valid": valid_data, "test": test_data}
+    splits = {"valid": lambda: valid_data, "test": lambda: test_data}  # each split's batches, fresh per pass
     if appended:
         dataset = valid_data._dataset
         uid_field, iid_field = dataset.uid_field, dataset.iid_field
         user_ids, item_ids = dataset.field2token_id[uid_field], dataset.field2token_id[iid_field]
         internal = {user_ids[user]: item_ids[item] for user, item in appended.items()
                     if user in user_ids and item in item_ids}
-        splits["valid_test_like"] = test_like(valid_data, internal, (uid_field, model.ITEM_SEQ, model.ITEM_SEQ_LEN))
+        fields = (uid_field, model.ITEM_SEQ, model.ITEM_SEQ_LEN)
+        splits["valid_test_like"] = lambda: test_like(valid_data, internal, fields)
     item_weights = {point: model.prior_item_weights(point[0], point[1]).cpu() for point in points}  # (n_items,)
     ranks = {(point, name): [] for point in points for name in splits}
-    targets = {name: [] for name in splits}
+    targets = {(k, name): [] for k in {point[3] for point in points} for name in splits}
     try:
-        for name, data in splits.items():
-            for interaction, history_index, positive_u, positive_i in data:
+        for k, name in targets:
+            model.new_item_id_neighbours = k
+            model.eval()  # the item vectors of the last k go
+            at_k = [point for point in points if point[3] == k]
+            for interaction, history_index, positive_u, positive_i in splits[name]():
                 interaction = interaction.to(model.device)
                 model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = 0.0, None, 0.0
                 base = model.full_sort_predict(interaction).view(-1, n_items).cpu()  # (B, n_items)
                 model.text_prior_weight = 1.0
                 prior = model.prior_scores(interaction).cpu()  # (B, n_items): the prior's logits at weight 1
-                for point in points:
+                for point in at_k:
                     scores = base + prior * item_weights[point] + point[2] * new
                     ranks[point, name].append(ranks_of(scores, history_index, positive_u, positive_i))
-                targets[name].append(positive_i)
+                targets[k, name].append(positive_i)
     finally:
-        model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = trained
+        (model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias,
+         model.new_item_id_neighbours) = trained
+        model.eval()
     entry = {"variant": variant, "seed": int(seed), "recbole_test": recbole_test, "trained_weight": trained[0],
-             "points": [{"weight": point[0], "new_weight": point[1], "bias": point[2],
-                         **{name: split_metrics(torch.cat(ranks[point, name]), torch.cat(targets[name]), held_ids)
+             "points": [{"weight": point[0], "new_weight": point[1], "bias": point[2], "neighbours": point[3],
+                         **{name: split_metrics(torch.cat(ranks[point, name]), torch.cat(targets[point[3], name]),
+                                                held_ids)
                             for name in splits}} for point in points]}
     row_file.with_suffix(".prior_sweep.json").write_text(json.dumps(entry, indent=1))
     return entry
@@ -331,15 +347,16 @@ def sweep_report(sweeps: list[dict]) -> str:
     """One line per row and point; in bold the weight of the point that validation selects on N@10 over all users
     (the test-like validation where the sweep has it, else the plain one), in italics the one it selects on
     held-out Recall@10 within 2% of that N@10."""
-    lines = ["Text prior (`text_prior_weight`; on new items `new_item_prior_weight`, - = the same) and new-item bias "
-             "(`new_item_bias`) added at evaluation, each row's best checkpoint. Selection on the test-like "
+    lines = ["Text prior (`text_prior_weight`; on new items `new_item_prior_weight`, - = the same), new-item bias "
+             "(`new_item_bias`) and new items' borrowed ID vectors (`new_item_id_neighbours`, 0 = none) at "
+             "evaluation, each row's best checkpoint. Selection on the test-like "
              "validation (each history ends in its held-out item where the split took one off its end), or the "
              "plain one where a sweep has no test-like one: bold, N@10 over all users; italics, held-out R@10 "
              "within 2% of that N@10.", "",
-             "| row | seed | weight | new-item weight | new-item bias | valid N@10 | test-like valid N@10 | test-like "
-             "valid held-out R@10 | held-out test: N@10 | R@10 | seen test: N@10 | R@10 | all test users: N@10 | "
-             "R@10 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | seed | neighbours | weight | new-item weight | new-item bias | valid N@10 | test-like valid N@10 "
+             "| test-like valid held-out R@10 | held-out test: N@10 | R@10 | seen test: N@10 | R@10 "
+             "| all test users: N@10 | R@10 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in sweeps:
         best, reach = select_points(entry["points"])
         for point in entry["points"]:
@@ -353,7 +370,8 @@ def sweep_report(sweeps: list[dict]) -> str:
                        else ("", ""))]
             cells += [f"{point['test'][part][key]:.4f}" for part in ("held_out", "seen", "all")
                       for key in ("ndcg@10", "recall@10")]
-            lines.append(f"| {entry['variant']} | {entry['seed']} | {weight} | {new_weight} | "
+            lines.append(f"| {entry['variant']} | {entry['seed']} | {point.get('neighbours', 0)} | {weight} | "
+                         f"{new_weight} | "
                          f"{point.get('bias', 0.0):g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -403,6 +421,9 @@ def main() -> None:
                         "evaluation only (e.g. 0,0.1,0.2); the table goes to new_items.md")
     parser.add_argument("--new_item_biases", default="0",
                         help="with --prior_weights: comma-separated new_item_bias values, each with every weight")
+    parser.add_argument("--new_item_neighbours", default="0",
+                        help="with --prior_weights: comma-separated new_item_id_neighbours values (new items' ID "
+                        "vectors borrowed from that many text neighbours; 0: none), each with every other setting")
     parser.add_argument("--new_item_weights", default="",
                         help="with --prior_weights: comma-separated new_item_prior_weight values (the prior's weight "
                         "on new items), each with every weight; the sweep keeps 'the same weight' as one of them")
@@ -430,8 +451,9 @@ def main() -> None:
     weights = [float(w) for w in args.prior_weights.split(",")] if args.prior_weights else None
     biases = tuple(float(b) for b in args.new_item_biases.split(","))
     new_weights = (None, *(float(w) for w in args.new_item_weights.split(",") if w))
+    neighbours = tuple(int(k) for k in args.new_item_neighbours.split(","))
     appended = last_training_items_held_out(Path(source_root) / args.dataset, held_out)
-    results = evaluate_rows(out_dir, held_out, weights, biases, new_weights, appended)
+    results = evaluate_rows(out_dir, held_out, weights, biases, new_weights, appended, neighbours)
     order = list(yaml.safe_load((ROOT / "benchmarks" / "profiles" / "new-items.yaml").read_text())["variants"])
     trained = [entry for entry in results if entry["seed"] is not None]
     models = in_profile_order((entry["variant"] for entry in trained), order)
@@ -444,10 +466,12 @@ def main() -> None:
               + (f" --prior_weights={args.prior_weights}" if args.prior_weights else "")
               + (f" --new_item_biases={args.new_item_biases}" if args.prior_weights and biases != (0.0,) else "")
               + (f" --new_item_weights={args.new_item_weights}" if args.prior_weights and args.new_item_weights
+                 else "")
+              + (f" --new_item_neighbours={args.new_item_neighbours}" if args.prior_weights and neighbours != (0,)
                  else ""))
     text = report(results, header, order)
     if weights:
-        text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights, biases, new_weights, appended))
+        text += "\n" + sweep_report(prior_sweep(out_dir, held_out, weights, biases, new_weights, appended, neighbours))
     (out_dir / "new_items.md").write_text(text)
     (out_dir / "new_items.json").write_text(json.dumps(results, indent=1))
     print(text)

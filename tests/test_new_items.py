@@ -147,6 +147,41 @@ def test_new_item_prior_weight_weighs_the_prior_on_exactly_the_new_items(tmp_pat
     assert torch.equal(only_new[:, ~new], plain[:, ~new]) and not torch.equal(only_new[:, new], plain[:, new])
 
 
+def test_new_items_borrow_the_id_vectors_of_their_text_neighbours(tmp_path):
+    """With new_item_id_neighbours, in evaluation each item without a training interaction takes the ID vectors of
+    its nearest items by text, softmax-weighted: a text twin lends its own vector, so the new item scores as its
+    twin does. Items with a training interaction keep theirs, and training steps see no borrowed vector."""
+    data_path, name = write_cold_dataset(tmp_path / "dataset")
+    _, model, train_data, _, _ = build("DARec", name, settings(tmp_path, data_path, new_item_id_neighbours=3))
+    tokens = train_data._dataset.field2id_token[train_data._dataset.iid_field]
+    token2id = {token: i for i, token in enumerate(tokens)}
+    pairs = [(token2id[f"i{N_WARM + k}"], token2id[f"i{20 + k}"]) for k in range(10)
+             if f"i{N_WARM + k}" in token2id and f"i{20 + k}" in token2id]  # i30.. have the texts of i20..
+    twins, originals = torch.tensor(pairs).T
+    assert not model.item_id_known[twins].any()
+    twins, originals = twins[model.item_id_known[originals]], originals[model.item_id_known[originals]]
+    assert len(twins) >= 5  # twins of items with a training interaction
+    own = model.item_id_embedding.weight.detach().clone()
+    model.eval()
+    with torch.no_grad():
+        borrowed = model.item_id_vectors()
+        torch.testing.assert_close(borrowed[twins], own[originals], rtol=0, atol=1e-4)
+        known = model.item_id_known
+        assert torch.equal(borrowed[known], own[known]) and not borrowed[0].any()
+        interaction = Interaction({model.ITEM_SEQ: torch.tensor([[3, 4, 5], [7, 8, 0]]),
+                                   model.ITEM_SEQ_LEN: torch.tensor([3, 2])})
+        scores = model.full_sort_predict(interaction)  # histories of items with training interactions
+        torch.testing.assert_close(scores[:, twins], scores[:, originals], rtol=0, atol=1e-3)
+        model.new_item_id_neighbours = 0
+        model.eval()  # drops the borrowed vectors
+        plain = model.full_sort_predict(interaction)
+    assert torch.equal(plain[:, known], scores[:, known])  # no other item's score moves
+    assert not torch.allclose(plain[:, twins], scores[:, twins])
+    model.new_item_id_neighbours = 3
+    model.train()
+    assert not model.item_id_vectors(twins).any()  # training knows no new item's vector
+
+
 NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
 
 
@@ -154,9 +189,9 @@ NEW_ITEM_TRAINING = {"unseen_items_as_negatives": False, "item_id_dropout": 0.3}
                                    {**NEW_ITEM_TRAINING, "last_item_skip": True},
                                    {**NEW_ITEM_TRAINING, "last_item_skip": True, "history_text_skip": True},
                                    {**NEW_ITEM_TRAINING, "last_item_skip": True, "text_prior_weight": 0.5,
-                                    "text_prior_in_training": True}],
+                                    "text_prior_in_training": True}, {"new_item_id_neighbours": 5}],
                          ids=["default", "new-item-training", "id-residual", "last-item-skip", "history-text-skip",
-                              "text-prior"])
+                              "text-prior", "borrowed-id"])
 def test_cold_targets_found_through_their_text(tmp_path, extra):
     """Trained on the walks, the model ranks each user's cold target (the next item's text twin, never in training)
     far above chance (Recall@10 of a random ranking of 40 items: 0.25)."""
@@ -294,15 +329,19 @@ def test_test_like_validation_ends_histories_in_the_held_out_item_the_split_took
     model.eval()
     saved = type("Saved", (), {"model": model, "id2token": list(dataset.field2id_token[dataset.iid_field])})
     held_ids = new.nonzero().flatten()
-    entry = sweep_row(tmp_path / "DARec-seed1.json", saved, valid_data, test_data, held_ids, [(0.5, 3.0, 1.0)],
-                      {}, appended)
-    (point,) = entry["points"]
-    assert set(point) == {"weight", "new_weight", "bias", "valid", "test", "valid_test_like"}
-    model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = 0.5, 3.0, 1.0
-    for split, data in (("test", test_data), ("valid_test_like", test_like(valid_data, internal, fields))):
-        direct = evaluate("direct", 1, model.full_sort_predict, data, len(saved.id2token), held_ids)
-        for part in ("held_out", "all"):
-            assert point[split][part] == pytest.approx(direct[part], abs=1e-4), (split, part)
+    points = [(0.5, 3.0, 1.0, 0), (0.5, 3.0, 1.0, 2)]
+    own_neighbours = model.new_item_id_neighbours
+    entry = sweep_row(tmp_path / "DARec-seed1.json", saved, valid_data, test_data, held_ids, points, {}, appended)
+    assert model.new_item_id_neighbours == own_neighbours  # the model's own settings are back
+    for point, (weight, new_weight, bias, neighbours) in zip(entry["points"], points, strict=True):
+        assert set(point) == {"weight", "new_weight", "bias", "neighbours", "valid", "test", "valid_test_like"}
+        model.text_prior_weight, model.new_item_prior_weight, model.new_item_bias = weight, new_weight, bias
+        model.new_item_id_neighbours = neighbours
+        model.eval()
+        for split, data in (("test", test_data), ("valid_test_like", test_like(valid_data, internal, fields))):
+            direct = evaluate("direct", 1, model.full_sort_predict, data, len(saved.id2token), held_ids)
+            for part in ("held_out", "all"):
+                assert point[split][part] == pytest.approx(direct[part], abs=1e-4), (split, part, neighbours)
 
 
 def test_test_like_appends_to_short_and_full_histories(monkeypatch):

@@ -222,12 +222,6 @@ class DARec(DARecCore):
         scores = (prior * self.unit_item_text()[item_ids]).sum(-1)  # (B,)
         return scores if item_weights is None else scores * item_weights[item_ids]
 
-    def new_items(self) -> torch.Tensor:
-        """(n_items,) bool: the items that no training interaction holds (padding aside)."""
-        new = ~self.item_id_known
-        new[0] = False
-        return new
-
     def prior_item_weights(self, weight: float, new_weight: float | None) -> torch.Tensor:
         """(n_items,): the text prior's weight on each item, ``new_weight`` on the ``new_items`` (None: ``weight``)
         and ``weight`` on the others."""
@@ -302,7 +296,7 @@ class DARec(DARecCore):
         self.item_id_embedding = nn.Embedding.from_pretrained(
             torch.cat([weight, weight.new_zeros(added, weight.shape[1])]), freeze=False, padding_idx=0)
         self.n_items += added
-        self._eval_item_vectors = None
+        self._eval_item_vectors = self._eval_id_vectors = None
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state_dict = {key: value for key, value in state_dict.items() if key not in TOKEN_LAYOUT_KEYS}

@@ -56,6 +56,8 @@ class DARecCore(SequentialRecommender):
         self.hard_text_only = bool(config["hard_text_only"])
         self.n_hard_negatives = int(config["hard_negatives"])
         self.use_item_id = bool(config["use_item_id"])
+        self.new_item_id_neighbours = int(config["new_item_id_neighbours"] or 0)
+        self.new_item_id_temperature = float(config["new_item_id_temperature"] or 0.05)
         self.item_id_dropout = float(config["item_id_dropout"] or 0.0)
         self.unseen_items_as_negatives = bool(config["unseen_items_as_negatives"])
         self.item_encode_batch_size = int(config["item_encode_batch_size"])
@@ -117,6 +119,7 @@ class DARecCore(SequentialRecommender):
                                                             dtype=torch.long))
         self.register_buffer("hard_negatives_ready", torch.zeros((), dtype=torch.bool))
         self._eval_item_vectors: torch.Tensor | None = None  # (n_items, rec_dim), built once per evaluation
+        self._eval_id_vectors: torch.Tensor | None = None  # (n_items, rec_dim), likewise (borrowed_id_vectors)
 
         self._frozen_keys = {f"llm.{name}" for name, p in self.llm.named_parameters() if not p.requires_grad}
         self._frozen_keys |= {f"llm.{name}" for name, _ in self.llm.named_buffers()}
@@ -175,13 +178,44 @@ class DARecCore(SequentialRecommender):
     # ----- item vectors and scores ----------------------------------------------------------------------------
     def item_id_vectors(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """ID embeddings (N, D) of ``item_ids`` (default: every item), zero for items that never occur in training
-        (and, in a training step, for the items that ``item_id_dropout`` left out)."""
+        (and, in a training step, for the items that ``item_id_dropout`` left out); in evaluation with
+        ``new_item_id_neighbours``, those items borrow theirs (``borrowed_id_vectors``)."""
+        if not self.training and self.new_item_id_neighbours:
+            if self._eval_id_vectors is None:
+                self._eval_id_vectors = self.borrowed_id_vectors()
+            return self._eval_id_vectors if item_ids is None else self._eval_id_vectors[item_ids]
         known = self.item_id_known
         if self.training and self._step_item_id_kept is not None:
             known = self._step_item_id_kept
         if item_ids is None:
             return self.item_id_embedding.weight * known[:, None]
         return self.item_id_embedding(item_ids) * known[item_ids, None]
+
+    def new_items(self) -> torch.Tensor:
+        """(n_items,) bool: the items that no training interaction holds (padding aside)."""
+        new = ~self.item_id_known
+        new[0] = False
+        return new
+
+    @torch.no_grad()
+    def borrowed_id_vectors(self) -> torch.Tensor:
+        """(n_items, D): the ID embeddings, where each of the ``new_items`` takes the mean of the ID vectors of its
+        ``new_item_id_neighbours`` nearest items by text among those with a training interaction, weighted by
+        softmax(cosine / ``new_item_id_temperature``). A new item then scores by what buyers of items like it did,
+        not by its text alone (an untrained item's zero ID vector leaves it below every item that has one); an
+        item's text twin lends it the twin's own vector. Items with an ID vector keep theirs."""
+        vectors = self.item_id_embedding.weight * self.item_id_known[:, None]  # (n_items, D)
+        new_ids, known_ids = self.new_items().nonzero().squeeze(1), self.item_id_known.nonzero().squeeze(1)
+        if not len(new_ids) or not len(known_ids):
+            return vectors
+        unit_text = F.normalize(self.text_states_for_mining().float(), dim=-1)  # (n_items, text_dim)
+        k = min(self.new_item_id_neighbours, len(known_ids))
+        for chunk in new_ids.split(1024):  # bounded memory for a catalogue of many new items
+            similarity = unit_text[chunk] @ unit_text[known_ids].T  # (C, n_known)
+            top_similarity, top = similarity.topk(k, dim=1)  # (C, k)
+            weights = torch.softmax(top_similarity / self.new_item_id_temperature, dim=1)
+            vectors[chunk] = (weights[..., None] * vectors[known_ids[top]]).sum(1).to(vectors.dtype)
+        return vectors
 
     def training_candidates(self) -> torch.Tensor:
         """(n_items,) bool: the items that a training softmax ranks. Without ``unseen_items_as_negatives`` an item
@@ -323,7 +357,7 @@ class DARecCore(SequentialRecommender):
                 f"{result.unexpected_keys[:5]}): was it trained with another model, backbone, llm_layers, adapter or "
                 "CF setting? Use the same settings as the run that wrote it."
             )
-        self._eval_item_vectors = None
+        self._eval_item_vectors = self._eval_id_vectors = None
         return result
 
     def training_state(self) -> dict:
@@ -336,7 +370,7 @@ class DARecCore(SequentialRecommender):
     def train(self, mode: bool = True):
         # Every switch drops the item vectors, so the next evaluation encodes every item again: weights or the
         # adapter architecture may have changed since the last one without a training step.
-        self._eval_item_vectors = None
+        self._eval_item_vectors = self._eval_id_vectors = None
         return super().train(mode)
 
     def sample_architecture(self) -> list[int]:
