@@ -273,8 +273,9 @@ class DARec(DARecCore):
     def add_items(self, item_sentences: list[str]) -> None:
         """Append items that came after training (internal ids ``n_items``, ``n_items + 1``, ...) with their text:
         the lower layers read it on demand (a backbone loaded again; the states cached on disk as the catalogue's)
-        and the catalogue's whitening maps it. They have no interaction, so no ID vector, and enter histories and
-        rankings through their text alone; no other item's vector changes."""
+        and the catalogue's whitening maps it. They have no interaction, so no ID vector of their own: they enter
+        histories and rankings through their text and, with ``new_item_id_neighbours``, the ID vectors they borrow
+        from their nearest items by text; no other item's vector changes."""
         if self.cf_injection is not None:
             raise ValueError(f"cf_model={self.cf_injection.name}: the CF model has no vector for an item "
                              "added after training; recommend new items with a model trained without cf_model.")
