@@ -297,7 +297,7 @@ class DARec(DARecCore):
         self.item_id_embedding = nn.Embedding.from_pretrained(
             torch.cat([weight, weight.new_zeros(added, weight.shape[1])]), freeze=False, padding_idx=0)
         self.n_items += added
-        self._eval_item_vectors = self._eval_id_vectors = None
+        self.drop_eval_vectors()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state_dict = {key: value for key, value in state_dict.items() if key not in TOKEN_LAYOUT_KEYS}

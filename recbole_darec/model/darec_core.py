@@ -357,7 +357,7 @@ class DARecCore(SequentialRecommender):
                 f"{result.unexpected_keys[:5]}): was it trained with another model, backbone, llm_layers, adapter or "
                 "CF setting? Use the same settings as the run that wrote it."
             )
-        self._eval_item_vectors = self._eval_id_vectors = None
+        self.drop_eval_vectors()
         return result
 
     def training_state(self) -> dict:
@@ -370,8 +370,13 @@ class DARecCore(SequentialRecommender):
     def train(self, mode: bool = True):
         # Every switch drops the item vectors, so the next evaluation encodes every item again: weights or the
         # adapter architecture may have changed since the last one without a training step.
-        self._eval_item_vectors = self._eval_id_vectors = None
+        self.drop_eval_vectors()
         return super().train(mode)
+
+    def drop_eval_vectors(self) -> None:
+        """Forget the vectors an evaluation keeps (every candidate's, the borrowed ID vectors): the next one
+        builds them from the weights and the catalogue as they are then."""
+        self._eval_item_vectors = self._eval_id_vectors = None
 
     def sample_architecture(self) -> list[int]:
         """Supernet training: one serial/parallel choice per layer, uniformly at random."""
